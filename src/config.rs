@@ -1,0 +1,175 @@
+//! Durability modes, defaults and the builder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::store::SledIdempotencyStore;
+
+/// Default durability: [`Durability::Sync`].
+pub const DEFAULT_DURABILITY: Durability = Durability::Sync;
+/// Default retention of a `Done` written by `mark_done` on a key with no
+/// claim to read a ttl from: 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default period of the expiry sweeper: 60 seconds.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default number of records the sweeper inspects before it yields: 1024.
+pub const DEFAULT_SWEEP_BATCH: usize = 1024;
+/// Default sled page-cache size: 64 MiB. sled's own default (1 GiB) is
+/// sized for a database server, not for a worker that embeds a dedup store;
+/// 64 MiB keeps several million hot keys cached.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+
+/// When a mutating call returns, and what its write then survives.
+///
+/// Read outcomes (`AlreadyPending`, `AlreadyDone`) never wait for a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Return once sled has flushed the write **and** the log file has been
+    /// fdatasync'ed. Survives process crash, OS crash and power loss.
+    /// Concurrent writers share one flush and one fdatasync (group commit).
+    Sync,
+    /// Return once a sled `flush()` covers the write. Survives a process
+    /// crash (SIGKILL); an OS crash or power loss may lose it.
+    Flush,
+    /// Return as soon as the write is in memory; a background flush (with
+    /// fdatasync) runs every period. A crash may lose the writes of the last
+    /// period, never corrupts.
+    Periodic(Duration),
+}
+
+/// Configures and opens a [`SledIdempotencyStore`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sled_idempotency::Error> {
+/// use sled_idempotency::{Durability, SledIdempotencyStore};
+/// use std::time::Duration;
+///
+/// let store = SledIdempotencyStore::builder("./dedup-db")
+///     .durability(Durability::Sync)
+///     .sweep_interval(Duration::from_secs(60))
+///     .open()
+///     .await?;
+/// store.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    pub(crate) path: PathBuf,
+    pub(crate) durability: Durability,
+    pub(crate) default_ttl: Duration,
+    pub(crate) done_retention: Option<Duration>,
+    pub(crate) sweep_interval: Duration,
+    pub(crate) sweep_batch: usize,
+    pub(crate) cache_capacity: u64,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl Builder {
+    pub(crate) fn new(path: impl AsRef<Path>) -> Self {
+        Self {
+            path: path.as_ref().to_path_buf(),
+            durability: DEFAULT_DURABILITY,
+            default_ttl: DEFAULT_TTL,
+            done_retention: None,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            sweep_batch: DEFAULT_SWEEP_BATCH,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// When mutating calls return. Default [`DEFAULT_DURABILITY`].
+    #[must_use]
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Retention of a `Done` recorded for a key that had no claim. Default
+    /// [`DEFAULT_TTL`].
+    #[must_use]
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// How long a `Done` record is kept, for every key. Unset by default: a
+    /// done record is kept for the ttl it was claimed with.
+    #[must_use]
+    pub fn done_retention(mut self, retention: Duration) -> Self {
+        self.done_retention = Some(retention);
+        self
+    }
+
+    /// Period of the background expiry sweeper. Default
+    /// [`DEFAULT_SWEEP_INTERVAL`].
+    #[must_use]
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Records the sweeper inspects before yielding to other tasks. Default
+    /// [`DEFAULT_SWEEP_BATCH`].
+    #[must_use]
+    pub fn sweep_batch(mut self, batch: usize) -> Self {
+        self.sweep_batch = batch;
+        self
+    }
+
+    /// Size of sled's page cache in bytes. Default [`DEFAULT_CACHE_CAPACITY`].
+    #[must_use]
+    pub fn cache_capacity(mut self, bytes: u64) -> Self {
+        self.cache_capacity = bytes;
+        self
+    }
+
+    /// The clock that decides expiry. Default [`SystemClock`]; tests inject a
+    /// [`ManualClock`](crate::ManualClock).
+    #[must_use]
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Validates the settings and opens the store.
+    pub async fn open(self) -> Result<SledIdempotencyStore> {
+        self.validate()?;
+        SledIdempotencyStore::open_with(self).await
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        if ms(self.default_ttl) == 0 {
+            return Err(Error::InvalidConfig(
+                "default_ttl must be at least 1 ms".into(),
+            ));
+        }
+        if self.done_retention.is_some_and(|d| ms(d) == 0) {
+            return Err(Error::InvalidConfig(
+                "done_retention must be at least 1 ms".into(),
+            ));
+        }
+        if self.sweep_interval.is_zero() {
+            return Err(Error::InvalidConfig(
+                "sweep_interval must be greater than zero".into(),
+            ));
+        }
+        if self.sweep_batch == 0 {
+            return Err(Error::InvalidConfig(
+                "sweep_batch must be at least 1".into(),
+            ));
+        }
+        if let Durability::Periodic(period) = self.durability {
+            if period.is_zero() {
+                return Err(Error::InvalidConfig(
+                    "Durability::Periodic needs a period greater than zero".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,127 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bus_core::BusError;
+
+/// Everything that can go wrong, each with a message a person can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A ttl shorter than one millisecond (the store's resolution).
+    #[error("ttl must be at least 1 ms, got {ttl:?}")]
+    TtlTooShort {
+        /// The ttl that was passed.
+        ttl: Duration,
+    },
+
+    /// `now + ttl` does not fit the expiry timestamp (u64 unix milliseconds).
+    #[error("ttl {ttl:?} is too large: the expiry time now + ttl overflows u64 milliseconds")]
+    TtlOverflow {
+        /// The ttl that was passed.
+        ttl: Duration,
+    },
+
+    /// A builder setting that cannot work.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// Another process (or another open store in this process) holds the
+    /// database's lock.
+    #[error(
+        "the database at {path} is in use by another process or another open store; \
+         close that one first (sled allows one owner per directory)"
+    )]
+    Locked {
+        /// The database directory.
+        path: PathBuf,
+    },
+
+    /// The path exists and is not a directory.
+    #[error("{path} is not a directory; give the store a directory to hold its database")]
+    NotADirectory {
+        /// The path that was passed.
+        path: PathBuf,
+    },
+
+    /// The directory does not hold a database this crate can open.
+    #[error("{path} does not hold a readable sled-idempotency database: {reason}")]
+    NotADatabase {
+        /// The database directory.
+        path: PathBuf,
+        /// What was found instead.
+        reason: String,
+    },
+
+    /// The database was written by a newer version of this crate.
+    #[error(
+        "the database at {path} uses format version {found}, but this build reads \
+         format versions up to {supported}; upgrade sled-idempotency to open it"
+    )]
+    NewerFormat {
+        /// The database directory.
+        path: PathBuf,
+        /// Format version recorded in the database.
+        found: u32,
+        /// Highest format version this build reads.
+        supported: u32,
+    },
+
+    /// A stored value that does not decode. Other keys keep working.
+    #[error("the record stored for key {key} is corrupted ({reason}); other keys are unaffected")]
+    Corrupt {
+        /// The key, as a UUID when it is 16 bytes, as hex otherwise.
+        key: String,
+        /// What is wrong with the value.
+        reason: String,
+    },
+
+    /// The store was closed; open it again to go on.
+    #[error("the store is closed; open it again to use it")]
+    Closed,
+
+    /// A write was applied in memory but the flush that makes it durable
+    /// failed. The operation must be treated as not acknowledged.
+    #[error("the write could not be made durable: {0}; close the store and open it again")]
+    Durability(String),
+
+    /// An operating-system I/O error.
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        /// What the store was doing.
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An error reported by sled.
+    #[error("storage error while {context}: {source}")]
+    Storage {
+        /// What the store was doing.
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: sled::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn storage(context: &'static str) -> impl FnOnce(sled::Error) -> Error {
+        move |source| Error::Storage { context, source }
+    }
+
+    pub(crate) fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::Io { context, source }
+    }
+}
+
+impl From<Error> for BusError {
+    fn from(err: Error) -> Self {
+        BusError::Idempotency(err.to_string())
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,64 @@
+//! Shared test fixture: a temporary directory, a manual clock, and stores
+//! opened on them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sled_idempotency::{Durability, ManualClock, MessageId, SledIdempotencyStore};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Start of the manual clock: an arbitrary, realistic unix time in ms.
+pub const T0: u64 = 1_800_000_000_000;
+pub const TTL: Duration = Duration::from_secs(30);
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub clock: ManualClock,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("create a temporary directory"),
+            clock: ManualClock::new(T0),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("db")
+    }
+
+    pub async fn open(&self) -> sled_idempotency::Result<SledIdempotencyStore> {
+        self.open_with(Durability::Flush).await
+    }
+
+    pub async fn open_with(
+        &self,
+        durability: Durability,
+    ) -> sled_idempotency::Result<SledIdempotencyStore> {
+        open_at(&self.path(), &self.clock, durability).await
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+}
+
+pub async fn open_at(
+    path: &Path,
+    clock: &ManualClock,
+    durability: Durability,
+) -> sled_idempotency::Result<SledIdempotencyStore> {
+    SledIdempotencyStore::builder(path)
+        .durability(durability)
+        .clock(clock.clone())
+        .open()
+        .await
+}
+
+/// A deterministic message id.
+pub fn id(n: u128) -> MessageId {
+    MessageId::from_uuid(uuid::Uuid::from_u128(n))
+}

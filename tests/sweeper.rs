@@ -1,0 +1,203 @@
+//! The sweeper removes expired records only, never a record re-claimed
+//! while it runs, runs on its own period, and stops when the store is closed
+//! or dropped.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Fixture, TTL, TestResult, id};
+use sled_idempotency::{ClaimOutcome, Durability, SledIdempotencyStore};
+
+#[tokio::test]
+async fn sweep_removes_expired_records_only() -> TestResult {
+    let fx = Fixture::new();
+    let store = fx.open().await?;
+    // Short-lived: pending 0..10, done 10..20. Long-lived: pending 20..30, done 30..40.
+    let short = Duration::from_secs(10);
+    let long = Duration::from_secs(100);
+    for n in 0..40 {
+        store
+            .try_claim(&id(n), if n < 20 { short } else { long })
+            .await?;
+    }
+    for n in (10..20).chain(30..40) {
+        store.mark_done(&id(n)).await?;
+    }
+    let nothing = store.sweep_expired().await?;
+    assert_eq!((nothing.examined, nothing.removed), (40, 0));
+
+    fx.advance(Duration::from_secs(10));
+    let report = store.sweep_expired().await?;
+    assert_eq!(
+        (report.examined, report.removed, report.corrupt),
+        (40, 20, 0)
+    );
+    for n in 0..20 {
+        assert!(store.get_record(&id(n)).await?.is_none(), "key {n} expired");
+    }
+    for n in 20..40 {
+        assert!(store.get_record(&id(n)).await?.is_some(), "key {n} is live");
+    }
+    assert_eq!(
+        store.try_claim(&id(25), TTL).await?,
+        ClaimOutcome::AlreadyPending
+    );
+    assert_eq!(
+        store.try_claim(&id(35), TTL).await?,
+        ClaimOutcome::AlreadyDone
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sweep_walks_every_batch() -> TestResult {
+    let fx = Fixture::new();
+    let store = SledIdempotencyStore::builder(fx.path())
+        .clock(fx.clock.clone())
+        .durability(Durability::Periodic(Duration::from_secs(3600)))
+        .sweep_batch(7)
+        .open()
+        .await?;
+    for n in 0..100 {
+        store
+            .try_claim(&id(n), if n % 2 == 0 { TTL } else { TTL * 2 })
+            .await?;
+    }
+    fx.advance(TTL);
+    let report = store.sweep_expired().await?;
+    assert_eq!((report.examined, report.removed), (100, 50));
+    assert_eq!(store.sweep_expired().await?.examined, 50);
+    Ok(())
+}
+
+/// Claimers race the sweeper over keys whose claims just expired. Whatever
+/// the interleaving, every key a claimer won must still be there, pending,
+/// after the sweep: the sweeper removes by compare-and-swap on the bytes it
+/// read, so it cannot delete a claim made after its read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sweeping_never_removes_a_claim_made_while_it_runs() -> TestResult {
+    const KEYS: u128 = 2_000;
+    let fx = Fixture::new();
+    let store = Arc::new(
+        SledIdempotencyStore::builder(fx.path())
+            .clock(fx.clock.clone())
+            .durability(Durability::Periodic(Duration::from_secs(3600)))
+            .sweep_batch(16)
+            .open()
+            .await?,
+    );
+    for round in 0..5u32 {
+        for n in 0..KEYS {
+            store.try_claim(&id(n), TTL).await?;
+        }
+        fx.advance(TTL); // every claim is now expired
+        let sweeper = {
+            let store = store.clone();
+            tokio::spawn(async move { store.sweep_expired().await })
+        };
+        let claimers: Vec<_> = (0..4u128)
+            .map(|part| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut won = Vec::new();
+                    for n in (part..KEYS).step_by(4) {
+                        if store.try_claim(&id(n), TTL).await? == ClaimOutcome::Claimed {
+                            won.push(n);
+                        }
+                        if n % 64 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    Ok::<_, sled_idempotency::Error>(won)
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for claimer in claimers {
+            won.extend(claimer.await??);
+        }
+        sweeper.await??;
+        assert_eq!(
+            won.len(),
+            KEYS as usize,
+            "round {round}: every expired key is claimable"
+        );
+        for n in won {
+            let record = store.get_record(&id(n)).await?;
+            let record = record
+                .ok_or_else(|| format!("round {round}: the sweeper deleted fresh claim {n}"))?;
+            assert!(record.is_live(fx.clock.now()), "round {round}: key {n}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_background_sweeper_runs_every_interval() -> TestResult {
+    let fx = Fixture::new();
+    let store = SledIdempotencyStore::builder(fx.path())
+        .clock(fx.clock.clone())
+        .sweep_interval(Duration::from_secs(10))
+        .open()
+        .await?;
+    store.try_claim(&id(1), TTL).await?;
+    fx.advance(TTL);
+    // The first sweep is one interval after open; with tokio's paused clock
+    // these sleeps complete at once, in order.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        store.get_record(&id(1)).await?.is_some(),
+        "no sweep before the first interval"
+    );
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if store.get_record(&id(1)).await?.is_none() {
+            return Ok(());
+        }
+    }
+    Err("the background sweeper never removed the expired record".into())
+}
+
+async fn sweeper_stops(close: bool) -> TestResult {
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let fx = Fixture::new();
+    let before = tasks();
+    let store = SledIdempotencyStore::builder(fx.path())
+        .clock(fx.clock.clone())
+        .sweep_interval(Duration::from_millis(100))
+        .open()
+        .await?;
+    assert_eq!(tasks(), before + 1, "open starts the sweeper");
+    tokio::time::sleep(Duration::from_millis(350)).await; // a few sweeps
+    assert_eq!(tasks(), before + 1);
+    if close {
+        store.close().await?;
+    } else {
+        drop(store);
+    }
+    for _ in 0..100 {
+        if tasks() == before {
+            // And the directory is free again.
+            fx.open().await?.close().await?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err("the sweeper task outlived its store".into())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sweeper_stops_when_the_store_is_dropped() -> TestResult {
+    sweeper_stops(false).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sweeper_stops_when_the_store_is_closed() -> TestResult {
+    sweeper_stops(true).await
+}
