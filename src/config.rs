@@ -163,12 +163,12 @@ impl Builder {
                 "sweep_batch must be at least 1".into(),
             ));
         }
-        if let Durability::Periodic(period) = self.durability {
-            if period.is_zero() {
-                return Err(Error::InvalidConfig(
-                    "Durability::Periodic needs a period greater than zero".into(),
-                ));
-            }
+        if let Durability::Periodic(period) = self.durability
+            && period.is_zero()
+        {
+            return Err(Error::InvalidConfig(
+                "Durability::Periodic needs a period greater than zero".into(),
+            ));
         }
         Ok(())
     }

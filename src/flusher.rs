@@ -165,10 +165,10 @@ impl Flusher {
 
 impl Drop for Flusher {
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            if let Err(e) = self.shutdown() {
-                tracing::error!(error = %e, "final flush on drop failed");
-            }
+        if self.thread.is_some()
+            && let Err(e) = self.shutdown()
+        {
+            tracing::error!(error = %e, "final flush on drop failed");
         }
     }
 }

@@ -250,13 +250,57 @@ impl SledIdempotencyStore {
         let Some(mut open) = self.inner.state.write().await.take() else {
             return Ok(());
         };
+        let path = self.inner.path.clone();
         tokio::task::spawn_blocking(move || {
             let flushed = open.flusher.shutdown();
             drop(open);
+            wait_for_lock_release(&path);
             flushed
         })
         .await
         .map_err(|e| Error::Durability(format!("the final flush did not finish: {e}")))?
+    }
+}
+
+impl Drop for Inner {
+    /// Dropping the last handle without `close`: stop the flusher after a
+    /// final flush, drop sled, and wait (bounded) until sled's background
+    /// threads let go of the directory lock, so the database can be opened
+    /// again right away.
+    fn drop(&mut self) {
+        if let Some(open) = self.state.get_mut().take() {
+            drop(open); // the flusher's Drop does the final flush
+            wait_for_lock_release(&self.path);
+        }
+    }
+}
+
+/// Longest `close` or drop waits for sled's background threads to release
+/// the directory lock.
+const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// sled hands log writes to its own thread pool, whose jobs hold the
+/// database (and its lock file) for a moment after the last `Db` is dropped.
+/// Wait until the lock can be taken, so "closed" means "openable again".
+fn wait_for_lock_release(path: &Path) {
+    let Ok(file) = File::open(path.join("db")) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + LOCK_RELEASE_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.unlock();
+                return;
+            }
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "the database lock is still held after closing");
+                return;
+            }
+        }
     }
 }
 

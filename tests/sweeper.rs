@@ -134,30 +134,50 @@ async fn sweeping_never_removes_a_claim_made_while_it_runs() -> TestResult {
     Ok(())
 }
 
+/// With tokio's clock paused, sleeps complete in virtual time, in order.
+/// `Periodic` durability keeps claims from waiting on the flusher thread,
+/// which would let the paused clock jump ahead while they wait.
 #[tokio::test(start_paused = true)]
 async fn the_background_sweeper_runs_every_interval() -> TestResult {
     let fx = Fixture::new();
     let store = SledIdempotencyStore::builder(fx.path())
         .clock(fx.clock.clone())
+        .durability(Durability::Periodic(Duration::from_secs(3600)))
         .sweep_interval(Duration::from_secs(10))
         .open()
         .await?;
     store.try_claim(&id(1), TTL).await?;
     fx.advance(TTL);
-    // The first sweep is one interval after open; with tokio's paused clock
-    // these sleeps complete at once, in order.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(
         store.get_record(&id(1)).await?.is_some(),
         "no sweep before the first interval"
     );
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if store.get_record(&id(1)).await?.is_none() {
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        store.get_record(&id(1)).await?.is_none(),
+        "swept at the first interval"
+    );
+
+    store.try_claim(&id(2), TTL).await?;
+    fx.advance(TTL);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        store.get_record(&id(2)).await?.is_none(),
+        "swept at the second interval"
+    );
+    Ok(())
+}
+
+/// Waits (bounded, in real time) until `done` holds.
+async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) -> TestResult {
+    for _ in 0..3_000 {
+        if done().await {
             return Ok(());
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Err("the background sweeper never removed the expired record".into())
+    Err(format!("timed out waiting until {what}").into())
 }
 
 async fn sweeper_stops(close: bool) -> TestResult {
@@ -170,34 +190,36 @@ async fn sweeper_stops(close: bool) -> TestResult {
     let before = tasks();
     let store = SledIdempotencyStore::builder(fx.path())
         .clock(fx.clock.clone())
-        .sweep_interval(Duration::from_millis(100))
+        .sweep_interval(Duration::from_millis(20))
         .open()
         .await?;
-    assert_eq!(tasks(), before + 1, "open starts the sweeper");
-    tokio::time::sleep(Duration::from_millis(350)).await; // a few sweeps
-    assert_eq!(tasks(), before + 1);
+    // The sweeper runs: an expired record disappears by itself.
+    store.try_claim(&id(1), TTL).await?;
+    fx.advance(TTL);
+    let probe = store.clone();
+    eventually("the sweeper removed the expired record", async || {
+        matches!(probe.get_record(&id(1)).await, Ok(None))
+    })
+    .await?;
+    drop(probe);
+    eventually("only the sweeper is left", async || tasks() == before + 1).await?;
     if close {
         store.close().await?;
     } else {
         drop(store);
     }
-    for _ in 0..100 {
-        if tasks() == before {
-            // And the directory is free again.
-            fx.open().await?.close().await?;
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err("the sweeper task outlived its store".into())
+    eventually("the sweeper task ended", async || tasks() == before).await?;
+    // And the directory is free again.
+    fx.open().await?.close().await?;
+    Ok(())
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_sweeper_stops_when_the_store_is_dropped() -> TestResult {
     sweeper_stops(false).await
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_sweeper_stops_when_the_store_is_closed() -> TestResult {
     sweeper_stops(true).await
 }
