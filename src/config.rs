@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
+use crate::record::MAX_RESULT_LIMIT;
 use crate::store::SledIdempotencyStore;
 
 /// Default durability: [`Durability::Sync`].
@@ -17,6 +18,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Default number of records the sweeper inspects before it yields: 1024.
 pub const DEFAULT_SWEEP_BATCH: usize = 1024;
+/// Default largest result `complete_with` may cache: 4 KiB.
+pub const DEFAULT_MAX_RESULT_SIZE: usize = 4 * 1024;
 /// Default sled page-cache size: 64 MiB. sled's own default (1 GiB) is
 /// sized for a database server, not for a worker that embeds a dedup store;
 /// 64 MiB keeps several million hot keys cached.
@@ -64,6 +67,7 @@ pub struct Builder {
     pub(crate) sweep_interval: Duration,
     pub(crate) sweep_batch: usize,
     pub(crate) cache_capacity: u64,
+    pub(crate) max_result_size: usize,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -77,6 +81,7 @@ impl Builder {
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             sweep_batch: DEFAULT_SWEEP_BATCH,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            max_result_size: DEFAULT_MAX_RESULT_SIZE,
             clock: Arc::new(SystemClock),
         }
     }
@@ -127,6 +132,14 @@ impl Builder {
         self
     }
 
+    /// Largest result, in bytes, that `complete_with` may cache. Default
+    /// [`DEFAULT_MAX_RESULT_SIZE`]; at most [`MAX_RESULT_LIMIT`].
+    #[must_use]
+    pub fn max_result_size(mut self, bytes: usize) -> Self {
+        self.max_result_size = bytes;
+        self
+    }
+
     /// The clock that decides expiry. Default [`SystemClock`]; tests inject a
     /// [`ManualClock`](crate::ManualClock).
     #[must_use]
@@ -162,6 +175,12 @@ impl Builder {
             return Err(Error::InvalidConfig(
                 "sweep_batch must be at least 1".into(),
             ));
+        }
+        if self.max_result_size > MAX_RESULT_LIMIT {
+            return Err(Error::InvalidConfig(format!(
+                "max_result_size {} is over the largest supported, {MAX_RESULT_LIMIT} bytes",
+                self.max_result_size
+            )));
         }
         if let Durability::Periodic(period) = self.durability
             && period.is_zero()

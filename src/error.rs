@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use bus_core::BusError;
 
+use crate::machine::Holder;
+
 /// Everything that can go wrong, each with a message a person can act on.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -75,6 +77,66 @@ pub enum Error {
         key: String,
         /// What is wrong with the value.
         reason: String,
+    },
+
+    /// A lease operation on a record that no longer holds the lease: it
+    /// expired and another claim took over, or it was completed, abandoned
+    /// or swept.
+    #[error(
+        "the lease with token {token} on key {key} in namespace {namespace:?} is no longer held; \
+         the record now holds {holds}"
+    )]
+    LeaseLost {
+        /// The key.
+        key: String,
+        /// The namespace of the lease.
+        namespace: String,
+        /// The lease's token.
+        token: u64,
+        /// What the record holds instead.
+        holds: Holder,
+    },
+
+    /// A lease used on a handle of another namespace.
+    #[error(
+        "the lease belongs to namespace {lease:?}, but was used on namespace {handle:?}; \
+         use the handle it was claimed on"
+    )]
+    WrongNamespace {
+        /// The lease's namespace.
+        lease: String,
+        /// The handle's namespace.
+        handle: String,
+    },
+
+    /// A namespace name that cannot be used.
+    #[error("invalid namespace name {name:?}: {reason}")]
+    InvalidNamespace {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A result larger than the configured `max_result_size`.
+    #[error(
+        "the result is {size} bytes, over the limit of {limit} bytes set by max_result_size; \
+         the record was left unchanged"
+    )]
+    ResultTooLarge {
+        /// Size of the result given.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// A payload fingerprint longer than the store keeps.
+    #[error("the fingerprint is {len} bytes; at most {max} are allowed (hash the payload first)")]
+    FingerprintTooLong {
+        /// Length of the fingerprint given.
+        len: usize,
+        /// The longest allowed.
+        max: usize,
     },
 
     /// The store was closed; open it again to go on.

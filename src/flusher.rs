@@ -13,7 +13,7 @@
 //! writer that read `e` had finished its write.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -28,15 +28,21 @@ use crate::error::{Error, Result};
 pub(crate) struct Syncer {
     db: sled::Db,
     log: File,
+    flushes: AtomicU64,
 }
 
 impl Syncer {
     pub(crate) fn new(db: sled::Db, log: File) -> Self {
-        Self { db, log }
+        Self {
+            db,
+            log,
+            flushes: AtomicU64::new(0),
+        }
     }
 
     /// One flush of everything written so far.
     pub(crate) fn flush(&self, fdatasync: bool) -> Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         self.db
             .flush()
             .map_err(Error::storage("flushing the database"))?;
@@ -147,6 +153,11 @@ impl Flusher {
             let why = seen.error.as_deref().unwrap_or("unknown error").to_owned();
             Err(Error::Durability(why))
         }
+    }
+
+    /// Flushes run so far (group commits, periodic flushes, final flushes).
+    pub(crate) fn flushes(&self) -> u64 {
+        self.syncer.flushes.load(Ordering::Relaxed)
     }
 
     /// Stops the thread and makes everything written so far durable

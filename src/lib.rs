@@ -7,18 +7,25 @@ mod clock;
 mod config;
 mod error;
 mod flusher;
-mod machine;
+mod lease;
+pub mod machine;
 mod record;
+mod stats;
 mod store;
 mod sweeper;
 
 pub use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    Builder, DEFAULT_CACHE_CAPACITY, DEFAULT_DURABILITY, DEFAULT_SWEEP_BATCH,
-    DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability,
+    Builder, DEFAULT_CACHE_CAPACITY, DEFAULT_DURABILITY, DEFAULT_MAX_RESULT_SIZE,
+    DEFAULT_SWEEP_BATCH, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability,
 };
 pub use error::{Error, Result};
-pub use record::{DecodeError, RECORD_VERSION, Record, State};
-pub use store::{FORMAT_VERSION, SledIdempotencyStore};
+pub use lease::{ClaimResult, Lease};
+pub use machine::Holder;
+pub use record::{
+    DecodeError, MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, RECORD_VERSION, Record, State,
+};
+pub use stats::Stats;
+pub use store::{DEFAULT_NAMESPACE, FORMAT_VERSION, SledIdempotencyStore};
 pub use sweeper::SweepReport;

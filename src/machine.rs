@@ -9,17 +9,26 @@
 //! | claim | write `Pending` → `Claimed` | live: `AlreadyPending`; expired: take over, `attempts + 1` → `Claimed` | `AlreadyDone` |
 //! | done | write `Done` (late completion) | write `Done` | no write |
 //! | release | no write | remove | no write |
+//!
+//! The lease operations (`complete`, `abandon`, `extend`) act only while the
+//! record is the `Pending` written by the lease's claim (same token), live or
+//! expired; otherwise they report what the record holds now.
+
+use std::fmt;
 
 use crate::record::{Record, State};
 use bus_core::ClaimOutcome;
 
 /// What a claim found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// Someone else holds a live claim: no write.
     AlreadyPending,
     /// The message was handled and the record is live: no write.
     AlreadyDone,
+    /// The live record was claimed with a different payload fingerprint: no
+    /// write.
+    Conflict,
     /// The key is free: write a new `Pending` with this attempt number.
     Take {
         /// Attempt number of the new claim (1 for a fresh key).
@@ -28,24 +37,34 @@ pub enum Claim {
 }
 
 impl Claim {
-    /// The outcome reported to the caller once this decision is applied.
-    pub fn outcome(self) -> ClaimOutcome {
+    /// The outcome reported through the `bus-core` trait. The trait cannot
+    /// express a fingerprint conflict; it never passes a fingerprint, so it
+    /// never sees one.
+    pub fn outcome(&self) -> ClaimOutcome {
         match self {
-            Claim::AlreadyPending => ClaimOutcome::AlreadyPending,
+            Claim::AlreadyPending | Claim::Conflict => ClaimOutcome::AlreadyPending,
             Claim::AlreadyDone => ClaimOutcome::AlreadyDone,
             Claim::Take { .. } => ClaimOutcome::Claimed,
         }
     }
 }
 
-/// What `try_claim` does to `current` at time `now`.
-pub fn claim(current: Option<&Record>, now: u64) -> Claim {
+/// What a claim does to `current` at time `now`. A `fingerprint` is compared
+/// with the live record's when both have one.
+pub fn claim(current: Option<&Record>, now: u64, fingerprint: Option<&[u8]>) -> Claim {
     match current {
         None => Claim::Take { attempts: 1 },
-        Some(r) if r.is_live(now) => match r.state {
-            State::Pending => Claim::AlreadyPending,
-            State::Done => Claim::AlreadyDone,
-        },
+        Some(r) if r.is_live(now) => {
+            if let (Some(given), Some(stored)) = (fingerprint, r.fingerprint.as_deref())
+                && given != stored
+            {
+                return Claim::Conflict;
+            }
+            match r.state {
+                State::Pending => Claim::AlreadyPending,
+                State::Done => Claim::AlreadyDone,
+            }
+        }
         // An expired pending claim is a handler that never finished: count it.
         Some(r) if r.state == State::Pending => Claim::Take {
             attempts: r.attempts.saturating_add(1),
@@ -56,13 +75,21 @@ pub fn claim(current: Option<&Record>, now: u64) -> Claim {
 }
 
 /// The new `Pending` record a [`Claim::Take`] writes.
-pub fn pending(expires_at: u64, ttl_ms: u64, token: u64, attempts: u32) -> Record {
+pub fn pending(
+    expires_at: u64,
+    ttl_ms: u64,
+    token: u64,
+    attempts: u32,
+    fingerprint: Option<&[u8]>,
+) -> Record {
     Record {
         state: State::Pending,
         expires_at,
         token,
         attempts,
         ttl_ms,
+        fingerprint: fingerprint.map(<[u8]>::to_vec),
+        result: None,
     }
 }
 
@@ -81,30 +108,52 @@ pub enum Done {
     },
 }
 
-/// What `mark_done` does to `current` at time `now`.
-///
-/// `done_retention` is the builder's separate retention, if set;
-/// `default_ttl_ms` the retention when there is no claim to read a ttl from.
-pub fn done(
-    current: Option<&Record>,
-    now: u64,
-    done_retention_ms: Option<u64>,
-    default_ttl_ms: u64,
-) -> Done {
-    let finish = |ttl_ms: u64, token: u64, attempts: u32, late: bool| Done::Write {
-        record: Record {
+/// Retention settings for `Done` records, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// The builder's separate done retention, if set.
+    pub done_ms: Option<u64>,
+    /// Retention when there is no claim to read a ttl from.
+    pub default_ttl_ms: u64,
+}
+
+impl Retention {
+    fn done_record(&self, claimed: &Record, now: u64, result: Option<&[u8]>) -> Record {
+        Record {
             state: State::Done,
-            expires_at: now.saturating_add(done_retention_ms.unwrap_or(ttl_ms)),
-            token,
-            attempts,
-            ttl_ms,
-        },
-        late,
-    };
+            expires_at: now.saturating_add(self.done_ms.unwrap_or(claimed.ttl_ms)),
+            token: claimed.token,
+            attempts: claimed.attempts,
+            ttl_ms: claimed.ttl_ms,
+            fingerprint: claimed.fingerprint.clone(),
+            result: result.map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// What `mark_done` does to `current` at time `now`.
+pub fn done(current: Option<&Record>, now: u64, retention: Retention) -> Done {
     match current {
-        Some(r) if r.state == State::Pending => finish(r.ttl_ms, r.token, r.attempts, false),
+        Some(r) if r.state == State::Pending => Done::Write {
+            record: retention.done_record(r, now, None),
+            late: false,
+        },
         Some(r) if r.is_live(now) => Done::AlreadyDone,
-        _ => finish(default_ttl_ms, 0, 0, true),
+        _ => {
+            let unclaimed = Record {
+                state: State::Done,
+                expires_at: 0,
+                token: 0,
+                attempts: 0,
+                ttl_ms: retention.default_ttl_ms,
+                fingerprint: None,
+                result: None,
+            };
+            Done::Write {
+                record: retention.done_record(&unclaimed, now, None),
+                late: true,
+            }
+        }
     }
 }
 
@@ -125,6 +174,125 @@ pub fn release(current: Option<&Record>) -> Release {
         Some(r) if r.state == State::Pending => Release::Remove,
         _ => Release::Keep,
     }
+}
+
+/// What a record holds, as seen by a lease that no longer holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// Nothing: the key is absent (released, swept, never claimed).
+    Nothing,
+    /// A claim by another lease.
+    Claim {
+        /// Token of the claim that holds the key now.
+        token: u64,
+        /// When that claim expires (unix ms).
+        expires_at: u64,
+        /// Its attempt number.
+        attempts: u32,
+    },
+    /// The message is done.
+    Done {
+        /// Token of the claim that completed it (0 if none).
+        token: u64,
+        /// When the done record expires (unix ms).
+        expires_at: u64,
+    },
+}
+
+impl Holder {
+    /// Describes `current` at `now`. An expired done record is reported as
+    /// nothing, as it behaves; an expired claim is reported as the claim it
+    /// still is until someone takes over.
+    pub fn of(current: Option<&Record>, now: u64) -> Holder {
+        match current {
+            None => Holder::Nothing,
+            Some(r) if r.state == State::Done && !r.is_live(now) => Holder::Nothing,
+            Some(r) => match r.state {
+                State::Pending => Holder::Claim {
+                    token: r.token,
+                    expires_at: r.expires_at,
+                    attempts: r.attempts,
+                },
+                State::Done => Holder::Done {
+                    token: r.token,
+                    expires_at: r.expires_at,
+                },
+            },
+        }
+    }
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Holder::Nothing => {
+                f.write_str("no record (released, expired and swept, or never claimed)")
+            }
+            Holder::Claim {
+                token,
+                expires_at,
+                attempts,
+            } => write!(
+                f,
+                "a claim with token {token} (attempt {attempts}) expiring at {expires_at} ms"
+            ),
+            Holder::Done { token: 0, .. } => f.write_str("a done record written without a claim"),
+            Holder::Done { token, .. } => write!(f, "a done record completed by token {token}"),
+        }
+    }
+}
+
+/// The `Pending` record of lease `token`, or what holds the key instead.
+fn held(current: Option<&Record>, token: u64, now: u64) -> Result<&Record, Holder> {
+    match current {
+        Some(r) if r.state == State::Pending && r.token == token => Ok(r),
+        other => Err(Holder::of(other, now)),
+    }
+}
+
+/// What `complete` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Complete {
+    /// Write this `Done` record.
+    Write(Record),
+    /// This lease already completed the key: nothing to write.
+    AlreadyCompleted,
+}
+
+/// What completing lease `token` does to `current`.
+pub fn complete(
+    current: Option<&Record>,
+    token: u64,
+    now: u64,
+    retention: Retention,
+    result: Option<&[u8]>,
+) -> Result<Complete, Holder> {
+    match current {
+        Some(r) if r.state == State::Done && r.token == token && r.is_live(now) => {
+            Ok(Complete::AlreadyCompleted)
+        }
+        _ => held(current, token, now)
+            .map(|r| Complete::Write(retention.done_record(r, now, result))),
+    }
+}
+
+/// Whether abandoning lease `token` removes `current` (`Ok`), or what holds
+/// the key instead.
+pub fn abandon(current: Option<&Record>, token: u64, now: u64) -> Result<(), Holder> {
+    held(current, token, now).map(|_| ())
+}
+
+/// The record after extending lease `token` to `expires_at` at `now`.
+pub fn extend(
+    current: Option<&Record>,
+    token: u64,
+    now: u64,
+    expires_at: u64,
+) -> Result<Record, Holder> {
+    held(current, token, now).map(|r| Record {
+        expires_at,
+        ..r.clone()
+    })
 }
 
 /// Whether the sweeper may remove `record` at `now`.

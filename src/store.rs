@@ -1,8 +1,9 @@
-//! `SledIdempotencyStore`: opening, the three operations, sweeping, closing.
+//! `SledIdempotencyStore`: opening, namespaces, the operations, sweeping,
+//! closing.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,35 +16,61 @@ use crate::clock::Clock;
 use crate::config::Builder;
 use crate::error::{Error, Result};
 use crate::flusher::{Flusher, Syncer};
-use crate::machine::{self, Claim, Done, Release};
-use crate::record::Record;
+use crate::lease::{ClaimResult, Lease};
+use crate::machine::{self, Claim, Complete, Done, Holder, Release, Retention};
+use crate::record::{MAX_FINGERPRINT_LEN, Record, State};
+use crate::stats::{Counters, Stats};
 use crate::sweeper::{self, SweepReport};
 
 /// Version of the database layout (trees, key and value encoding). Recorded
-/// in the metadata tree; a database with a higher number is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// in the metadata tree; a database with a higher number is refused, one
+/// with a lower number is upgraded on open.
+///
+/// - 1: one records tree, record version 1.
+/// - 2: namespaces (one tree each), record version 2 (fingerprint, result).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Name of the namespace that [`SledIdempotencyStore::open`] returns.
+pub const DEFAULT_NAMESPACE: &str = "default";
 
 const META_TREE: &str = "sled-idempotency/meta";
-const RECORDS_TREE: &str = "sled-idempotency/records";
+const DEFAULT_TREE: &str = "sled-idempotency/records";
+const NAMESPACE_TREE_PREFIX: &str = "sled-idempotency/ns/";
 const FORMAT_KEY: &str = "format_version";
+const MAX_NAMESPACE_LEN: usize = 64;
 
-/// A persistent idempotency store on sled.
+/// A persistent idempotency store on sled — or, more exactly, a handle on
+/// one namespace of it.
 ///
-/// Cheap to clone: clones share one database. Dropping the last clone
-/// without [`close`](Self::close) stops the sweeper and flushes, but cannot
-/// report errors; `close` can.
+/// [`open`](Self::open) returns the handle of the default namespace;
+/// [`namespace`](Self::namespace) returns handles on others. All handles of a
+/// database share one sled database, one sweeper and one group-commit
+/// flusher. Handles are cheap to clone. [`close`](Self::close) on any handle
+/// closes the database for all of them; dropping the last handle without
+/// `close` stops the sweeper and flushes, but cannot report errors.
 #[derive(Debug, Clone)]
 pub struct SledIdempotencyStore {
     inner: Arc<Inner>,
+    space: Arc<Space>,
+}
+
+/// One namespace: its position among the open trees, its name, its counters.
+#[derive(Debug)]
+pub(crate) struct Space {
+    index: usize,
+    name: Arc<str>,
+    counters: Counters,
 }
 
 #[derive(Debug)]
 pub(crate) struct Inner {
     path: PathBuf,
     state: RwLock<Option<Open>>,
+    /// Parallel to `Open::trees`; grows only, under the state write lock.
+    spaces: Mutex<Vec<Arc<Space>>>,
     clock: Arc<dyn Clock>,
-    default_ttl_ms: u64,
-    done_retention_ms: Option<u64>,
+    retention: Retention,
+    max_result_size: usize,
     sweep_batch: usize,
     stop: watch::Sender<bool>,
     sweeper: Mutex<Option<JoinHandle<()>>>,
@@ -52,12 +79,20 @@ pub(crate) struct Inner {
 #[derive(Debug)]
 struct Open {
     db: sled::Db,
-    records: sled::Tree,
+    trees: Vec<sled::Tree>,
     flusher: Flusher,
 }
 
+/// What one step of a read-decide-swap loop does.
+enum Step<T> {
+    Keep(T),
+    Put(Vec<u8>, T),
+    Remove(T),
+}
+
 impl SledIdempotencyStore {
-    /// Opens (or creates) the store at `path` with every default.
+    /// Opens (or creates) the store at `path` with every default and returns
+    /// the handle of the default namespace.
     ///
     /// Must be called inside a tokio runtime: it starts the sweeper task.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -77,7 +112,7 @@ impl SledIdempotencyStore {
         }
         let (path, cache) = (b.path.clone(), b.cache_capacity);
         let opened = tokio::task::spawn_blocking(move || open_db(&path, cache)).await;
-        let (db, records, log) = match opened {
+        let (db, names, trees, log) = match opened {
             Ok(result) => result?,
             Err(join) => {
                 return Err(Error::NotADatabase {
@@ -87,24 +122,39 @@ impl SledIdempotencyStore {
             }
         };
         let flusher = Flusher::start(Syncer::new(db.clone(), log), b.durability)?;
+        let spaces: Vec<Arc<Space>> = names
+            .into_iter()
+            .enumerate()
+            .map(|(index, name)| {
+                Arc::new(Space {
+                    index,
+                    name: name.into(),
+                    counters: Counters::default(),
+                })
+            })
+            .collect();
+        let default = spaces[0].clone();
         let (stop, stop_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
             path: b.path,
-            state: RwLock::new(Some(Open {
-                db,
-                records,
-                flusher,
-            })),
+            state: RwLock::new(Some(Open { db, trees, flusher })),
+            spaces: Mutex::new(spaces),
             clock: b.clock,
-            default_ttl_ms: millis(b.default_ttl),
-            done_retention_ms: b.done_retention.map(millis),
+            retention: Retention {
+                done_ms: b.done_retention.map(millis),
+                default_ttl_ms: millis(b.default_ttl),
+            },
+            max_result_size: b.max_result_size,
             sweep_batch: b.sweep_batch,
             stop,
             sweeper: Mutex::new(None),
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
-        *inner.sweeper.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
-        Ok(Self { inner })
+        *lock(&inner.sweeper) = Some(task);
+        Ok(Self {
+            inner,
+            space: default,
+        })
     }
 
     /// The directory this store was opened at.
@@ -112,26 +162,144 @@ impl SledIdempotencyStore {
         &self.inner.path
     }
 
-    /// Claims `key` for `ttl` if it is absent or expired. See the crate docs
-    /// for the full table of outcomes.
+    /// The name of this handle's namespace ([`DEFAULT_NAMESPACE`] for the
+    /// handle `open` returns).
+    pub fn namespace_name(&self) -> &str {
+        &self.space.name
+    }
+
+    /// A handle on namespace `name`, created on first use. Each namespace is
+    /// its own keyspace (one per consumer, say) with the same operations;
+    /// all share this database, its sweeper and its flusher.
+    ///
+    /// Names are 1 to 64 ASCII letters, digits, `-`, `_` or `.`.
+    pub async fn namespace(&self, name: &str) -> Result<SledIdempotencyStore> {
+        validate_namespace(name)?;
+        if let Some(space) = self.inner.find_space(name) {
+            return Ok(self.with_space(space));
+        }
+        let mut guard = self.inner.state.write().await;
+        let open = guard.as_mut().ok_or(Error::Closed)?;
+        // Someone may have created it while we waited for the lock.
+        if let Some(space) = self.inner.find_space(name) {
+            return Ok(self.with_space(space));
+        }
+        let tree = open
+            .db
+            .open_tree(namespace_tree(name))
+            .map_err(Error::storage("creating a namespace"))?;
+        let mut spaces = lock(&self.inner.spaces);
+        let space = Arc::new(Space {
+            index: spaces.len(),
+            name: name.into(),
+            counters: Counters::default(),
+        });
+        open.trees.push(tree);
+        spaces.push(space.clone());
+        tracing::debug!(namespace = name, "namespace created");
+        Ok(self.with_space(space))
+    }
+
+    /// The names of every namespace in the database, the default first.
+    pub fn namespaces(&self) -> Vec<String> {
+        lock(&self.inner.spaces)
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect()
+    }
+
+    fn with_space(&self, space: Arc<Space>) -> SledIdempotencyStore {
+        SledIdempotencyStore {
+            inner: self.inner.clone(),
+            space,
+        }
+    }
+
+    /// Claims `key` for `ttl` if it is absent or expired: the `bus-core`
+    /// operation. See [`claim`](Self::claim) for the lease-returning form.
     pub async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimOutcome> {
-        let inner = &self.inner;
+        Ok(match self.acquire(key, ttl, None).await? {
+            ClaimResult::Acquired(_) => ClaimOutcome::Claimed,
+            ClaimResult::InProgress { .. } | ClaimResult::Conflict { .. } => {
+                ClaimOutcome::AlreadyPending
+            }
+            ClaimResult::Done { .. } => ClaimOutcome::AlreadyDone,
+        })
+    }
+
+    /// Claims `key` for `ttl` and, if it was free, returns the [`Lease`];
+    /// otherwise what holds it.
+    pub async fn claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimResult> {
+        self.acquire(key, ttl, None).await
+    }
+
+    /// Like [`claim`](Self::claim), recording `fingerprint` (a hash of the
+    /// payload, at most 64 bytes). A later fingerprinted claim of the same
+    /// live key with a different fingerprint returns
+    /// [`ClaimResult::Conflict`] instead of a duplicate.
+    pub async fn claim_with_fingerprint(
+        &self,
+        key: &MessageId,
+        ttl: Duration,
+        fingerprint: &[u8],
+    ) -> Result<ClaimResult> {
+        if fingerprint.len() > MAX_FINGERPRINT_LEN {
+            return Err(Error::FingerprintTooLong {
+                len: fingerprint.len(),
+                max: MAX_FINGERPRINT_LEN,
+            });
+        }
+        self.acquire(key, ttl, Some(fingerprint)).await
+    }
+
+    async fn acquire(
+        &self,
+        key: &MessageId,
+        ttl: Duration,
+        fingerprint: Option<&[u8]>,
+    ) -> Result<ClaimResult> {
         let ttl_ms = millis(ttl);
         if ttl_ms == 0 {
             return Err(Error::TtlTooShort { ttl });
         }
-        let guard = inner.state.read().await;
+        let guard = self.inner.state.read().await;
         let open = guard.as_ref().ok_or(Error::Closed)?;
-        let key = key_bytes(key);
+        let tree = self.tree(open)?;
+        let counters = &self.space.counters;
+        let bytes = key_bytes(key);
         // Optimistic: assume the key is absent, so a new key costs one CAS.
         let mut current: Option<IVec> = None;
         loop {
-            let now = inner.clock.now_millis();
+            let now = self.inner.clock.now_millis();
             let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
-            let record = decode_at(&key, current.as_deref())?;
-            let decision = machine::claim(record.as_ref(), now);
-            let Claim::Take { attempts } = decision else {
-                return Ok(decision.outcome());
+            let record = decode_at(&bytes, current.as_deref())?;
+            let attempts = match machine::claim(record.as_ref(), now, fingerprint) {
+                Claim::Take { attempts } => attempts,
+                found => {
+                    let record = record.unwrap_or_else(empty_record);
+                    return Ok(match found {
+                        Claim::AlreadyDone => {
+                            Counters::bump(&counters.duplicates_done);
+                            ClaimResult::Done {
+                                result: record.result,
+                            }
+                        }
+                        Claim::Conflict => {
+                            Counters::bump(&counters.fingerprint_conflicts);
+                            tracing::warn!(key = %key, namespace = %self.space.name, "claim with a different payload fingerprint");
+                            ClaimResult::Conflict {
+                                done: record.state == State::Done,
+                            }
+                        }
+                        _ => {
+                            Counters::bump(&counters.duplicates_pending);
+                            ClaimResult::InProgress {
+                                expires_at: record.expires_at,
+                                attempts: record.attempts,
+                            }
+                        }
+                    });
+                }
             };
             // sled ids start at 0; tokens start at 1 so that 0 can mean
             // "no claim" in a done record written without one.
@@ -140,65 +308,216 @@ impl SledIdempotencyStore {
                 .generate_id()
                 .map_err(Error::storage("generating a fencing token"))?
                 .saturating_add(1);
-            let new = machine::pending(expires_at, ttl_ms, token, attempts).encode();
-            match cas(&open.records, &key, current.as_deref(), Some(new))? {
+            let new = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint).encode();
+            match cas(tree, &bytes, current.as_deref(), Some(new))? {
                 Ok(()) => {
                     open.flusher.write_completed().await?;
-                    return Ok(ClaimOutcome::Claimed);
+                    Counters::bump(&counters.claims);
+                    tracing::debug!(key = %key, namespace = %self.space.name, token, attempts, "claimed");
+                    return Ok(ClaimResult::Acquired(Lease {
+                        key: key.clone(),
+                        namespace: self.space.name.clone(),
+                        token,
+                        expires_at,
+                        attempt: attempts,
+                    }));
                 }
                 Err(found) => current = found,
             }
         }
     }
 
-    /// Records that the handler for `key` ran to completion.
+    /// Records that the handler for `key` ran to completion (the `bus-core`
+    /// operation, with no lease check).
     pub async fn mark_done(&self, key: &MessageId) -> Result<()> {
-        let inner = &self.inner;
-        self.update(key, |current, now| {
-            match machine::done(current, now, inner.done_retention_ms, inner.default_ttl_ms) {
-                Done::AlreadyDone => None,
-                Done::Write { record, .. } => Some(Some(record.encode())),
+        let retention = self.inner.retention;
+        let late = self
+            .update(key, |current, now| {
+                Ok(match machine::done(current, now, retention) {
+                    Done::AlreadyDone => Step::Keep(None),
+                    Done::Write { record, late } => Step::Put(record.encode(), Some(late)),
+                })
+            })
+            .await?;
+        let counters = &self.space.counters;
+        match late {
+            Some(true) => {
+                Counters::bump(&counters.late_completions);
+                tracing::warn!(key = %key, namespace = %self.space.name, "late completion: marked done with no claim on record");
             }
-        })
-        .await
+            Some(false) => {
+                Counters::bump(&counters.completions);
+                tracing::debug!(key = %key, namespace = %self.space.name, "marked done");
+            }
+            None => {}
+        }
+        Ok(())
     }
 
-    /// Gives up a pending claim so the message can be retried. A completed
-    /// record is never erased.
+    /// Gives up a pending claim so the message can be retried (the
+    /// `bus-core` operation, with no lease check). A completed record is
+    /// never erased.
     pub async fn release(&self, key: &MessageId) -> Result<()> {
-        self.update(key, |current, _| match machine::release(current) {
-            Release::Remove => Some(None),
-            Release::Keep => None,
-        })
-        .await
+        let removed = self
+            .update(key, |current, _| {
+                Ok(match machine::release(current) {
+                    Release::Remove => Step::Remove(true),
+                    Release::Keep => Step::Keep(false),
+                })
+            })
+            .await?;
+        if removed {
+            Counters::bump(&self.space.counters.releases);
+            tracing::debug!(key = %key, namespace = %self.space.name, "released");
+        }
+        Ok(())
     }
 
-    /// Read, decide, compare-and-swap until the swap lands. `decide` returns
-    /// `None` for no write, `Some(None)` to remove, `Some(Some(v))` to store.
-    /// Waits for durability even when nothing was written: what the call
-    /// acknowledges may be another writer's not-yet-flushed write.
-    async fn update<F>(&self, key: &MessageId, decide: F) -> Result<()>
+    /// Marks the leased key done, if the record still holds the lease.
+    /// Completing twice with the same lease is fine.
+    pub async fn complete(&self, lease: &Lease) -> Result<()> {
+        self.finish(lease, None).await
+    }
+
+    /// Marks the leased key done and caches `result` for later claims of the
+    /// key ([`ClaimResult::Done`]). Results over the builder's
+    /// `max_result_size` are refused, with the record left unchanged.
+    pub async fn complete_with(&self, lease: &Lease, result: &[u8]) -> Result<()> {
+        if result.len() > self.inner.max_result_size {
+            return Err(Error::ResultTooLarge {
+                size: result.len(),
+                limit: self.inner.max_result_size,
+            });
+        }
+        self.finish(lease, Some(result)).await
+    }
+
+    async fn finish(&self, lease: &Lease, result: Option<&[u8]>) -> Result<()> {
+        let retention = self.inner.retention;
+        let wrote = self
+            .leased(lease, |current, now| {
+                Ok(
+                    match machine::complete(current, lease.token, now, retention, result)? {
+                        Complete::Write(record) => Step::Put(record.encode(), true),
+                        Complete::AlreadyCompleted => Step::Keep(false),
+                    },
+                )
+            })
+            .await?;
+        if wrote {
+            Counters::bump(&self.space.counters.completions);
+            tracing::debug!(key = %lease.key, namespace = %self.space.name, token = lease.token, "completed");
+        }
+        Ok(())
+    }
+
+    /// Removes the leased claim so the message can be retried, if the record
+    /// still holds the lease.
+    pub async fn abandon(&self, lease: &Lease) -> Result<()> {
+        self.leased(lease, |current, now| {
+            machine::abandon(current, lease.token, now)?;
+            Ok(Step::Remove(()))
+        })
+        .await?;
+        Counters::bump(&self.space.counters.releases);
+        tracing::debug!(key = %lease.key, namespace = %self.space.name, token = lease.token, "abandoned");
+        Ok(())
+    }
+
+    /// Pushes the leased claim's expiry to `now + ttl`, if the record still
+    /// holds the lease, and returns the lease with its new expiry. A long
+    /// handler calls this before its claim runs out, so that no other worker
+    /// takes the message over.
+    pub async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let ttl_ms = millis(ttl);
+        if ttl_ms == 0 {
+            return Err(Error::TtlTooShort { ttl });
+        }
+        let expires_at = self
+            .leased(lease, |current, now| {
+                let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
+                let record = machine::extend(current, lease.token, now, expires_at)?;
+                Ok(Step::Put(record.encode(), expires_at))
+            })
+            .await?;
+        tracing::debug!(key = %lease.key, namespace = %self.space.name, token = lease.token, expires_at, "lease extended");
+        Ok(Lease {
+            expires_at,
+            ..lease.clone()
+        })
+    }
+
+    /// Runs a lease operation: checks the namespace, turns a lost lease into
+    /// [`Error::LeaseLost`] and counts it.
+    async fn leased<T, F>(&self, lease: &Lease, decide: F) -> Result<T>
     where
-        F: Fn(Option<&Record>, u64) -> Option<Option<Vec<u8>>>,
+        F: Fn(Option<&Record>, u64) -> Result<Step<T>, LeaseStepError>,
+    {
+        if lease.namespace != self.space.name {
+            return Err(Error::WrongNamespace {
+                lease: lease.namespace.to_string(),
+                handle: self.space.name.to_string(),
+            });
+        }
+        let result = self
+            .update(&lease.key, |current, now| {
+                decide(current, now).map_err(|e| match e {
+                    LeaseStepError::Lost(holds) => Error::LeaseLost {
+                        key: lease.key.to_string(),
+                        namespace: self.space.name.to_string(),
+                        token: lease.token,
+                        holds,
+                    },
+                    LeaseStepError::Other(e) => e,
+                })
+            })
+            .await;
+        if let Err(Error::LeaseLost { holds, .. }) = &result {
+            Counters::bump(&self.space.counters.lease_conflicts);
+            tracing::warn!(key = %lease.key, namespace = %self.space.name, token = lease.token, holds = %holds, "lease no longer held");
+        }
+        result
+    }
+
+    /// Read, decide, compare-and-swap until the swap lands. Waits for
+    /// durability even when nothing was written: what the call acknowledges
+    /// may be another writer's not-yet-flushed write.
+    async fn update<T, F>(&self, key: &MessageId, decide: F) -> Result<T>
+    where
+        F: Fn(Option<&Record>, u64) -> Result<Step<T>>,
     {
         let guard = self.inner.state.read().await;
         let open = guard.as_ref().ok_or(Error::Closed)?;
+        let tree = self.tree(open)?;
         let key = key_bytes(key);
-        let mut current = open
-            .records
-            .get(key)
-            .map_err(Error::storage("reading a record"))?;
-        loop {
+        let mut current = tree.get(key).map_err(Error::storage("reading a record"))?;
+        let out = loop {
             let record = decode_at(&key, current.as_deref())?;
-            let Some(new) = decide(record.as_ref(), self.inner.clock.now_millis()) else {
-                break;
+            let (new, out) = match decide(record.as_ref(), self.inner.clock.now_millis())? {
+                Step::Keep(out) => break out,
+                Step::Put(bytes, out) => (Some(bytes), out),
+                Step::Remove(out) => (None, out),
             };
-            match cas(&open.records, &key, current.as_deref(), new)? {
-                Ok(()) => break,
+            match cas(tree, &key, current.as_deref(), new)? {
+                Ok(()) => break out,
                 Err(found) => current = found,
             }
-        }
-        open.flusher.write_completed().await
+        };
+        open.flusher.write_completed().await?;
+        Ok(out)
+    }
+
+    fn tree<'a>(&self, open: &'a Open) -> Result<&'a sled::Tree> {
+        // Trees and spaces grow together under the state lock, so the index
+        // is always there while the store is open.
+        open.trees.get(self.space.index).ok_or(Error::Closed)
+    }
+
+    /// The live record for `key` in this namespace, or `None` if it is
+    /// absent or expired. Never waits for a flush.
+    pub async fn get(&self, key: &MessageId) -> Result<Option<Record>> {
+        let now = self.inner.clock.now_millis();
+        Ok(self.get_record(key).await?.filter(|r| r.is_live(now)))
     }
 
     /// The record stored for `key`, live or expired, as it is on disk. An
@@ -208,40 +527,102 @@ impl SledIdempotencyStore {
         let guard = self.inner.state.read().await;
         let open = guard.as_ref().ok_or(Error::Closed)?;
         let key = key_bytes(key);
-        let value = open
-            .records
+        let value = self
+            .tree(open)?
             .get(key)
             .map_err(Error::storage("reading a record"))?;
         decode_at(&key, value.as_deref())
     }
 
-    /// Removes every expired record now, in batches, and reports what it
-    /// did. The background sweeper runs the same code periodically.
+    /// Up to `limit` live records of this namespace in key order (UUIDv7 ids
+    /// sort by time), starting after `after`, optionally only those in
+    /// `state`. Page through with the last key returned. Corrupted values
+    /// are skipped (and logged).
+    pub async fn list(
+        &self,
+        state: Option<State>,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<(MessageId, Record)>> {
+        let guard = self.inner.state.read().await;
+        let open = guard.as_ref().ok_or(Error::Closed)?;
+        let now = self.inner.clock.now_millis();
+        let start = after.map(|k| {
+            let mut next = key_bytes(k).to_vec();
+            next.push(0);
+            next
+        });
+        let mut out = Vec::new();
+        for entry in self.tree(open)?.range(start.unwrap_or_default()..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.map_err(Error::storage("listing records"))?;
+            let Ok(uuid) = uuid::Uuid::from_slice(&key) else {
+                continue;
+            };
+            match Record::decode(&value) {
+                Ok(r) if r.is_live(now) && state.is_none_or(|s| s == r.state) => {
+                    out.push((MessageId::from_uuid(uuid), r));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(key = %uuid, error = %e, "listing skipped a corrupted record");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counters of this namespace since open, and its live records now. The
+    /// live counts come from a scan of the namespace: cost grows with its
+    /// size.
+    pub async fn stats(&self) -> Result<Stats> {
+        let guard = self.inner.state.read().await;
+        let open = guard.as_ref().ok_or(Error::Closed)?;
+        let now = self.inner.clock.now_millis();
+        let mut stats = self.space.counters.snapshot();
+        stats.flushes = open.flusher.flushes();
+        for entry in self.tree(open)?.iter() {
+            let (_, value) = entry.map_err(Error::storage("counting records"))?;
+            match Record::decode(&value) {
+                Ok(r) if r.is_live(now) && r.state == State::Pending => stats.live_pending += 1,
+                Ok(r) if r.is_live(now) => stats.live_done += 1,
+                _ => {}
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Removes every expired record of every namespace now, in batches, and
+    /// reports what it did. The background sweeper runs the same code
+    /// periodically.
     pub async fn sweep_expired(&self) -> Result<SweepReport> {
         let mut total = SweepReport::default();
-        let mut cursor = Vec::new();
-        loop {
-            let (report, next) = self.inner.sweep_batch(&cursor).await?;
-            total += report;
-            match next {
-                Some(next) => cursor = next,
-                None => return Ok(total),
+        let mut index = 0;
+        while let Some(space) = self.inner.space_at(index) {
+            let mut cursor = Vec::new();
+            loop {
+                let (report, next) = self.inner.sweep_batch(&space, &cursor).await?;
+                total += report;
+                tokio::task::yield_now().await;
+                match next {
+                    Some(next) => cursor = next,
+                    None => break,
+                }
             }
-            tokio::task::yield_now().await;
+            index += 1;
         }
+        Ok(total)
     }
 
     /// Stops the sweeper, makes every write durable (flush and fdatasync,
-    /// whatever the durability mode) and releases the database lock. Every
-    /// later call returns [`Error::Closed`]; closing twice is a no-op.
+    /// whatever the durability mode) and releases the database lock, for
+    /// every namespace handle. Every later call returns [`Error::Closed`];
+    /// closing twice is a no-op.
     pub async fn close(&self) -> Result<()> {
         let _ = self.inner.stop.send(true);
-        let task = self
-            .inner
-            .sweeper
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let task = lock(&self.inner.sweeper).take();
         if let Some(task) = task {
             // The task only ever returns; a join error would mean it was
             // cancelled with its runtime, which leaves nothing to wait for.
@@ -262,6 +643,36 @@ impl SledIdempotencyStore {
     }
 }
 
+/// Why a lease step did not produce a write.
+enum LeaseStepError {
+    Lost(Holder),
+    Other(Error),
+}
+
+impl From<Holder> for LeaseStepError {
+    fn from(holder: Holder) -> Self {
+        LeaseStepError::Lost(holder)
+    }
+}
+
+impl From<Error> for LeaseStepError {
+    fn from(e: Error) -> Self {
+        LeaseStepError::Other(e)
+    }
+}
+
+fn empty_record() -> Record {
+    Record {
+        state: State::Pending,
+        expires_at: 0,
+        token: 0,
+        attempts: 0,
+        ttl_ms: 0,
+        fingerprint: None,
+        result: None,
+    }
+}
+
 impl Drop for Inner {
     /// Dropping the last handle without `close`: stop the flusher after a
     /// final flush, drop sled, and wait (bounded) until sled's background
@@ -275,52 +686,36 @@ impl Drop for Inner {
     }
 }
 
-/// Longest `close` or drop waits for sled's background threads to release
-/// the directory lock.
-const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(5);
-
-/// sled hands log writes to its own thread pool, whose jobs hold the
-/// database (and its lock file) for a moment after the last `Db` is dropped.
-/// Wait until the lock can be taken, so "closed" means "openable again".
-fn wait_for_lock_release(path: &Path) {
-    let Ok(file) = File::open(path.join("db")) else {
-        return;
-    };
-    let deadline = std::time::Instant::now() + LOCK_RELEASE_WAIT;
-    loop {
-        match file.try_lock() {
-            Ok(()) => {
-                let _ = file.unlock();
-                return;
-            }
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, path = %path.display(), "the database lock is still held after closing");
-                return;
-            }
-        }
-    }
-}
-
 impl Inner {
-    /// Sweeps up to `sweep_batch` records from `cursor` on. Returns the
-    /// cursor to continue from, or `None` at the end of the keyspace.
+    fn find_space(&self, name: &str) -> Option<Arc<Space>> {
+        lock(&self.spaces)
+            .iter()
+            .find(|s| *s.name == *name)
+            .cloned()
+    }
+
+    pub(crate) fn space_at(&self, index: usize) -> Option<Arc<Space>> {
+        lock(&self.spaces).get(index).cloned()
+    }
+
+    /// Sweeps up to `sweep_batch` records of `space` from `cursor` on.
+    /// Returns the cursor to continue from, or `None` at the end of the
+    /// namespace.
     pub(crate) async fn sweep_batch(
         &self,
+        space: &Space,
         cursor: &[u8],
     ) -> Result<(SweepReport, Option<Vec<u8>>)> {
         let guard = self.state.read().await;
         let open = guard.as_ref().ok_or(Error::Closed)?;
-        let scan = sweeper::scan(
-            &open.records,
-            cursor,
-            self.sweep_batch,
-            self.clock.now_millis(),
-        )?;
+        let tree = open.trees.get(space.index).ok_or(Error::Closed)?;
+        let scan = sweeper::scan(tree, cursor, self.sweep_batch, self.clock.now_millis())?;
         let mut report = scan.report;
-        report.removed = sweeper::remove_unchanged(&open.records, &scan.expired)?;
+        report.removed = sweeper::remove_unchanged(tree, &scan.expired)?;
+        space
+            .counters
+            .swept
+            .fetch_add(report.removed, std::sync::atomic::Ordering::Relaxed);
         Ok((report, scan.next))
     }
 }
@@ -338,6 +733,12 @@ impl IdempotencyStore for SledIdempotencyStore {
     async fn release(&self, key: &MessageId) -> Result<(), BusError> {
         Ok(SledIdempotencyStore::release(self, key).await?)
     }
+}
+
+/// Locks a std mutex that guards plain data; a panic elsewhere cannot leave
+/// it half-updated, so a poisoned lock is still good.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Durations in whole milliseconds, saturating.
@@ -380,7 +781,68 @@ pub(crate) fn cas(
     Ok(swapped.map_err(|e| e.current))
 }
 
-fn open_db(path: &Path, cache_capacity: u64) -> Result<(sled::Db, sled::Tree, File)> {
+fn validate_namespace(name: &str) -> Result<()> {
+    let invalid = |reason| {
+        Err(Error::InvalidNamespace {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.len() > MAX_NAMESPACE_LEN {
+        return invalid("it is longer than 64 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return invalid("use only ASCII letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+fn namespace_tree(name: &str) -> String {
+    if name == DEFAULT_NAMESPACE {
+        DEFAULT_TREE.to_owned()
+    } else {
+        format!("{NAMESPACE_TREE_PREFIX}{name}")
+    }
+}
+
+/// Longest `close` or drop waits for sled's background threads to release
+/// the directory lock.
+const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// sled hands log writes to its own thread pool, whose jobs hold the
+/// database (and its lock file) for a moment after the last `Db` is dropped.
+/// Wait until the lock can be taken, so "closed" means "openable again".
+fn wait_for_lock_release(path: &Path) {
+    let Ok(file) = File::open(path.join("db")) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + LOCK_RELEASE_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.unlock();
+                return;
+            }
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "the database lock is still held after closing");
+                return;
+            }
+        }
+    }
+}
+
+type Opened = (sled::Db, Vec<String>, Vec<sled::Tree>, File);
+
+fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
     let not_a_db = |reason: String| Error::NotADatabase {
         path: path.to_path_buf(),
         reason,
@@ -428,35 +890,53 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<(sled::Db, sled::Tree, Fi
     let meta = db
         .open_tree(META_TREE)
         .map_err(Error::storage("opening the metadata tree"))?;
-    match meta
+    let found = match meta
         .get(FORMAT_KEY)
         .map_err(Error::storage("reading the format version"))?
     {
-        None => {
-            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
-                .map_err(Error::storage("recording the format version"))?;
-        }
-        Some(bytes) => {
-            let found = <[u8; 4]>::try_from(bytes.as_ref())
+        None => None,
+        Some(bytes) => Some(
+            <[u8; 4]>::try_from(bytes.as_ref())
                 .map(u32::from_be_bytes)
                 .map_err(|_| {
                     not_a_db(format!(
                         "the format version entry is {} bytes, not 4",
                         bytes.len()
                     ))
-                })?;
-            if found > FORMAT_VERSION {
-                return Err(Error::NewerFormat {
-                    path: path.to_path_buf(),
-                    found,
-                    supported: FORMAT_VERSION,
-                });
-            }
+                })?,
+        ),
+    };
+    match found {
+        Some(found) if found > FORMAT_VERSION => {
+            return Err(Error::NewerFormat {
+                path: path.to_path_buf(),
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        Some(FORMAT_VERSION) => {}
+        // New database, or an older format this build reads: from now on
+        // it may hold version-2 records, so an older build must refuse it.
+        _ => {
+            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                .map_err(Error::storage("recording the format version"))?;
         }
     }
-    let records = db
-        .open_tree(RECORDS_TREE)
-        .map_err(Error::storage("opening the records tree"))?;
+    let mut names = vec![DEFAULT_NAMESPACE.to_owned()];
+    for name in db.tree_names() {
+        if let Some(ns) = name.strip_prefix(NAMESPACE_TREE_PREFIX.as_bytes())
+            && let Ok(ns) = std::str::from_utf8(ns)
+            && validate_namespace(ns).is_ok()
+        {
+            names.push(ns.to_owned());
+        }
+    }
+    names[1..].sort();
+    let trees = names
+        .iter()
+        .map(|name| db.open_tree(namespace_tree(name)))
+        .collect::<sled::Result<Vec<_>>>()
+        .map_err(Error::storage("opening the namespace trees"))?;
     let log = File::open(path.join("db")).map_err(Error::io("opening the log for fdatasync"))?;
     db.flush().map_err(Error::storage("flushing after open"))?;
     log.sync_data().map_err(Error::io("fdatasync after open"))?;
@@ -466,5 +946,5 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<(sled::Db, sled::Tree, Fi
             .and_then(|dir| dir.sync_all())
             .map_err(Error::io("syncing the new database directory"))?;
     }
-    Ok((db, records, log))
+    Ok((db, names, trees, log))
 }

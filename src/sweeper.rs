@@ -64,19 +64,22 @@ pub(crate) fn spawn(
                 // A change or a dropped sender both mean: stop.
                 _ = stop.changed() => return,
             }
-            let mut cursor = Vec::new();
             let mut total = SweepReport::default();
+            let (mut index, mut cursor) = (0, Vec::new());
             loop {
                 if *stop.borrow() {
                     return;
                 }
                 let Some(inner) = store.upgrade() else { return };
-                match inner.sweep_batch(&cursor).await {
+                let Some(space) = inner.space_at(index) else {
+                    break; // every namespace swept
+                };
+                match inner.sweep_batch(&space, &cursor).await {
                     Ok((report, next)) => {
                         total += report;
                         match next {
                             Some(next) => cursor = next,
-                            None => break,
+                            None => (index, cursor) = (index + 1, Vec::new()),
                         }
                     }
                     Err(Error::Closed) => return,
@@ -85,7 +88,7 @@ pub(crate) fn spawn(
                         break;
                     }
                 }
-                drop(inner);
+                drop((inner, space));
                 tokio::task::yield_now().await;
             }
             tracing::debug!(
@@ -165,6 +168,8 @@ mod tests {
             token,
             attempts: 1,
             ttl_ms: 10,
+            fingerprint: None,
+            result: None,
         }
         .encode()
     }

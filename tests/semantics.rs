@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, id};
-use sled_idempotency::{ClaimOutcome::*, IdempotencyStore, SledIdempotencyStore, State};
+use sled_idempotency::{ClaimOutcome::*, IdempotencyStore, State};
 
 const AFTER_TTL: Duration = Duration::from_secs(31);
 
@@ -150,8 +150,8 @@ async fn mark_done_of_expired_pending_acts_as_on_a_live_one() -> TestResult {
 #[tokio::test]
 async fn mark_done_of_absent_key_records_done_with_the_default_ttl() -> TestResult {
     let fx = Fixture::new();
-    let store = SledIdempotencyStore::builder(fx.path())
-        .clock(fx.clock.clone())
+    let store = fx
+        .builder()
         .default_ttl(Duration::from_secs(100))
         .open()
         .await?;
@@ -201,8 +201,8 @@ async fn mark_done_of_live_done_does_not_write() -> TestResult {
 #[tokio::test]
 async fn done_retention_overrides_the_claim_ttl() -> TestResult {
     let fx = Fixture::new();
-    let store = SledIdempotencyStore::builder(fx.path())
-        .clock(fx.clock.clone())
+    let store = fx
+        .builder()
         .done_retention(Duration::from_secs(3600))
         .open()
         .await?;

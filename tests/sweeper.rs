@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, id};
-use sled_idempotency::{ClaimOutcome, Durability, SledIdempotencyStore};
+use sled_idempotency::{ClaimOutcome, Durability};
 
 #[tokio::test]
 async fn sweep_removes_expired_records_only() -> TestResult {
@@ -54,8 +54,8 @@ async fn sweep_removes_expired_records_only() -> TestResult {
 #[tokio::test]
 async fn sweep_walks_every_batch() -> TestResult {
     let fx = Fixture::new();
-    let store = SledIdempotencyStore::builder(fx.path())
-        .clock(fx.clock.clone())
+    let store = fx
+        .builder()
         .durability(Durability::Periodic(Duration::from_secs(3600)))
         .sweep_batch(7)
         .open()
@@ -81,8 +81,7 @@ async fn sweeping_never_removes_a_claim_made_while_it_runs() -> TestResult {
     const KEYS: u128 = 2_000;
     let fx = Fixture::new();
     let store = Arc::new(
-        SledIdempotencyStore::builder(fx.path())
-            .clock(fx.clock.clone())
+        fx.builder()
             .durability(Durability::Periodic(Duration::from_secs(3600)))
             .sweep_batch(16)
             .open()
@@ -140,8 +139,8 @@ async fn sweeping_never_removes_a_claim_made_while_it_runs() -> TestResult {
 #[tokio::test(start_paused = true)]
 async fn the_background_sweeper_runs_every_interval() -> TestResult {
     let fx = Fixture::new();
-    let store = SledIdempotencyStore::builder(fx.path())
-        .clock(fx.clock.clone())
+    let store = fx
+        .builder()
         .durability(Durability::Periodic(Duration::from_secs(3600)))
         .sweep_interval(Duration::from_secs(10))
         .open()
@@ -188,8 +187,8 @@ async fn sweeper_stops(close: bool) -> TestResult {
     };
     let fx = Fixture::new();
     let before = tasks();
-    let store = SledIdempotencyStore::builder(fx.path())
-        .clock(fx.clock.clone())
+    let store = fx
+        .builder()
         .sweep_interval(Duration::from_millis(20))
         .open()
         .await?;

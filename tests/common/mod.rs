@@ -41,6 +41,11 @@ impl Fixture {
         open_at(&self.path(), &self.clock, durability).await
     }
 
+    /// A builder on this fixture's path and clock.
+    pub fn builder(&self) -> sled_idempotency::Builder {
+        SledIdempotencyStore::builder(self.path()).clock(self.clock.clone())
+    }
+
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
     }
