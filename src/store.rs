@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -72,6 +73,9 @@ pub(crate) struct Inner {
     retention: Retention,
     max_result_size: usize,
     sweep_batch: usize,
+    /// Highest token of any record removed (released, abandoned, swept)
+    /// since open; see `acquire` for why.
+    removed_tokens: AtomicU64,
     stop: watch::Sender<bool>,
     sweeper: Mutex<Option<JoinHandle<()>>>,
 }
@@ -146,6 +150,7 @@ impl SledIdempotencyStore {
             },
             max_result_size: b.max_result_size,
             sweep_batch: b.sweep_batch,
+            removed_tokens: AtomicU64::new(0),
             stop,
             sweeper: Mutex::new(None),
         });
@@ -303,28 +308,64 @@ impl SledIdempotencyStore {
             };
             // sled ids start at 0; tokens start at 1 so that 0 can mean
             // "no claim" in a done record written without one.
-            let token = open
-                .db
-                .generate_id()
-                .map_err(Error::storage("generating a fencing token"))?
-                .saturating_add(1);
-            let new = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint).encode();
-            match cas(tree, &bytes, current.as_deref(), Some(new))? {
-                Ok(()) => {
-                    open.flusher.write_completed().await?;
-                    Counters::bump(&counters.claims);
-                    tracing::debug!(key = %key, namespace = %self.space.name, token, attempts, "claimed");
-                    return Ok(ClaimResult::Acquired(Lease {
-                        key: key.clone(),
-                        namespace: self.space.name.clone(),
-                        token,
-                        expires_at,
-                        attempt: attempts,
-                    }));
+            let token = next_token(&open.db)?;
+            let record = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint);
+            match cas(tree, &bytes, current.as_deref(), Some(record.encode()))? {
+                Ok(()) => {}
+                Err(found) => {
+                    current = found;
+                    continue;
                 }
-                Err(found) => current = found,
+            }
+            // Fencing tokens must increase along each key's history. A
+            // token drawn after reading the record it replaces is larger
+            // than that record's, but a claim of an absent key may have
+            // drawn its token before a slower claim with a larger one came
+            // and went (released, abandoned or swept) ahead of it. Every
+            // removal first raises `removed_tokens`, so a claim that landed
+            // on an absent key and sees a larger removed token re-stamps its
+            // record with a fresh token while it holds it.
+            let Some(token) = self.restamp(open, tree, &bytes, current.is_none(), record)? else {
+                current = tree
+                    .get(bytes)
+                    .map_err(Error::storage("reading a record"))?;
+                continue; // expired and taken over while re-stamping: start again
+            };
+            open.flusher.write_completed().await?;
+            Counters::bump(&counters.claims);
+            tracing::debug!(key = %key, namespace = %self.space.name, token, attempts, "claimed");
+            return Ok(ClaimResult::Acquired(Lease {
+                key: key.clone(),
+                namespace: self.space.name.clone(),
+                token,
+                expires_at,
+                attempt: attempts,
+            }));
+        }
+    }
+
+    /// After a claim landed: gives `record` a token above every removed
+    /// token if it replaced an absent key. Returns the final token, or
+    /// `None` if the record was replaced meanwhile.
+    fn restamp(
+        &self,
+        open: &Open,
+        tree: &sled::Tree,
+        key: &[u8],
+        was_absent: bool,
+        mut record: Record,
+    ) -> Result<Option<u64>> {
+        if !was_absent {
+            return Ok(Some(record.token));
+        }
+        while self.inner.removed_tokens.load(Ordering::SeqCst) >= record.token {
+            let old = record.encode();
+            record.token = next_token(&open.db)?;
+            if cas(tree, key, Some(&old), Some(record.encode()))?.is_err() {
+                return Ok(None);
             }
         }
+        Ok(Some(record.token))
     }
 
     /// Records that the handler for `key` ran to completion (the `bus-core`
@@ -496,7 +537,15 @@ impl SledIdempotencyStore {
             let (new, out) = match decide(record.as_ref(), self.inner.clock.now_millis())? {
                 Step::Keep(out) => break out,
                 Step::Put(bytes, out) => (Some(bytes), out),
-                Step::Remove(out) => (None, out),
+                Step::Remove(out) => {
+                    // Before the removal lands: see `acquire`.
+                    if let Some(r) = &record {
+                        self.inner
+                            .removed_tokens
+                            .fetch_max(r.token, Ordering::SeqCst);
+                    }
+                    (None, out)
+                }
             };
             match cas(tree, &key, current.as_deref(), new)? {
                 Ok(()) => break out,
@@ -711,11 +760,11 @@ impl Inner {
         let tree = open.trees.get(space.index).ok_or(Error::Closed)?;
         let scan = sweeper::scan(tree, cursor, self.sweep_batch, self.clock.now_millis())?;
         let mut report = scan.report;
-        report.removed = sweeper::remove_unchanged(tree, &scan.expired)?;
+        report.removed = sweeper::remove_unchanged(tree, &scan.expired, &self.removed_tokens)?;
         space
             .counters
             .swept
-            .fetch_add(report.removed, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(report.removed, Ordering::Relaxed);
         Ok((report, scan.next))
     }
 }
@@ -733,6 +782,15 @@ impl IdempotencyStore for SledIdempotencyStore {
     async fn release(&self, key: &MessageId) -> Result<(), BusError> {
         Ok(SledIdempotencyStore::release(self, key).await?)
     }
+}
+
+/// A fresh fencing token: sled's id plus one (ids start at 0; token 0 means
+/// "no claim").
+fn next_token(db: &sled::Db) -> Result<u64> {
+    Ok(db
+        .generate_id()
+        .map_err(Error::storage("generating a fencing token"))?
+        .saturating_add(1))
 }
 
 /// Locks a std mutex that guards plain data; a panic elsewhere cannot leave
@@ -937,6 +995,14 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
         .map(|name| db.open_tree(namespace_tree(name)))
         .collect::<sled::Result<Vec<_>>>()
         .map_err(Error::storage("opening the namespace trees"))?;
+    // sled restarts its id counter at "last persisted value + 2 intervals"
+    // and persists that new starting point lazily, in a log write nothing
+    // flushes. Killed before a flush, the process would restart at the same
+    // point and reuse fencing tokens it already handed out. Drawing one id
+    // now writes the new starting point, and the flush below makes it
+    // durable before any token leaves the store.
+    db.generate_id()
+        .map_err(Error::storage("persisting the fencing-token counter"))?;
     let log = File::open(path.join("db")).map_err(Error::io("opening the log for fdatasync"))?;
     db.flush().map_err(Error::storage("flushing after open"))?;
     log.sync_data().map_err(Error::io("fdatasync after open"))?;
@@ -947,4 +1013,66 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
             .map_err(Error::io("syncing the new database directory"))?;
     }
     Ok((db, names, trees, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u128) -> MessageId {
+        MessageId::from_uuid(uuid::Uuid::from_u128(n))
+    }
+
+    /// Regression guard for fencing: a claim can draw its token, stall, and
+    /// land on an absent key after a claim with a larger token has come and
+    /// gone. It must then take a token above every removed one, so tokens
+    /// keep increasing along the key's history.
+    #[tokio::test]
+    async fn a_claim_landing_after_a_larger_removed_token_is_restamped() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
+        let store = SledIdempotencyStore::builder(dir.path().join("db"))
+            .durability(crate::Durability::Periodic(Duration::from_secs(3600)))
+            .open()
+            .await?;
+        // The slow claim: landed on an absent key with token `stale`.
+        let ClaimResult::Acquired(slow) = store.claim(&key(1), Duration::from_secs(60)).await?
+        else {
+            return Err(Error::Closed);
+        };
+        let stale = store.get_record(&key(1)).await?.ok_or(Error::Closed)?;
+        // Meanwhile a faster claim drew a larger token and was removed.
+        let fast = store.claim(&key(2), Duration::from_secs(60)).await?;
+        let fast = fast.lease().cloned().ok_or(Error::Closed)?;
+        store.abandon(&fast).await?;
+        assert!(store.inner.removed_tokens.load(Ordering::SeqCst) >= fast.token());
+        assert!(slow.token() < fast.token());
+
+        let guard = store.inner.state.read().await;
+        let open = guard.as_ref().ok_or(Error::Closed)?;
+        let tree = store.tree(open)?;
+        let bytes = key_bytes(&key(1));
+        let kept = store.restamp(open, tree, &bytes, false, stale.clone())?;
+        assert_eq!(
+            kept,
+            Some(slow.token()),
+            "a takeover of a present record keeps its token"
+        );
+        let token = store
+            .restamp(open, tree, &bytes, true, stale)?
+            .ok_or(Error::Closed)?;
+        assert!(
+            token > fast.token(),
+            "restamped {token} must exceed {}",
+            fast.token()
+        );
+        let record = Record::decode(
+            &tree
+                .get(bytes)
+                .map_err(Error::storage("get"))?
+                .ok_or(Error::Closed)?,
+        );
+        assert_eq!(record.map(|r| r.token), Ok(token));
+        drop(guard);
+        store.close().await
+    }
 }

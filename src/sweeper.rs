@@ -15,6 +15,7 @@
 
 use std::ops::AddAssign;
 use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -105,8 +106,8 @@ pub(crate) fn spawn(
 /// go on from.
 pub(crate) struct Scan {
     pub(crate) report: SweepReport,
-    /// Expired records as read: key and the exact value bytes.
-    pub(crate) expired: Vec<(IVec, IVec)>,
+    /// Expired records as read: key, the exact value bytes, their token.
+    pub(crate) expired: Vec<(IVec, IVec, u64)>,
     /// The key to continue from, or `None` at the end of the keyspace.
     pub(crate) next: Option<Vec<u8>>,
 }
@@ -124,7 +125,9 @@ pub(crate) fn scan(tree: &sled::Tree, cursor: &[u8], batch: usize, now: u64) -> 
                 report.corrupt += 1;
                 tracing::warn!(key = %display_key(&key), error = %e, "sweeper skipped a corrupted record");
             }
-            Ok(record) if machine::sweepable(&record, now) => expired.push((key.clone(), value)),
+            Ok(record) if machine::sweepable(&record, now) => {
+                expired.push((key.clone(), value, record.token));
+            }
             Ok(_) => {}
         }
         last = Some(key);
@@ -145,10 +148,16 @@ pub(crate) fn scan(tree: &sled::Tree, cursor: &[u8], batch: usize, now: u64) -> 
 }
 
 /// Removes each record only if it still holds the exact bytes `scan` read:
-/// a key re-claimed (or completed) since then is left alone.
-pub(crate) fn remove_unchanged(tree: &sled::Tree, expired: &[(IVec, IVec)]) -> Result<u64> {
+/// a key re-claimed (or completed) since then is left alone. Raises
+/// `removed_tokens` before each removal (the store's fencing guard).
+pub(crate) fn remove_unchanged(
+    tree: &sled::Tree,
+    expired: &[(IVec, IVec, u64)],
+    removed_tokens: &AtomicU64,
+) -> Result<u64> {
     let mut removed = 0;
-    for (key, value) in expired {
+    for (key, value, token) in expired {
+        removed_tokens.fetch_max(*token, Ordering::SeqCst);
         if cas(tree, key, Some(value), None)?.is_ok() {
             removed += 1;
         }
@@ -203,7 +212,7 @@ mod tests {
             .map_err(Error::storage("test"))?;
 
         assert_eq!(
-            remove_unchanged(&tree, &scan.expired)?,
+            remove_unchanged(&tree, &scan.expired, &AtomicU64::new(0))?,
             1,
             "only key 2 is unchanged"
         );
@@ -230,7 +239,7 @@ mod tests {
         assert_eq!(first.next.as_deref(), Some(&[1u8, 0][..]));
         let second = scan(&tree, first.next.as_deref().unwrap_or_default(), 2, 500)?;
         assert_eq!(
-            second.expired.first().map(|(k, _)| k.to_vec()),
+            second.expired.first().map(|(k, _, _)| k.to_vec()),
             Some(vec![2])
         );
         let third = scan(&tree, second.next.as_deref().unwrap_or_default(), 2, 500)?;

@@ -1,0 +1,632 @@
+//! A tiny in-memory model of the store, written straight from the SPEC §2
+//! table (it does not reuse the crate's state machine, so a mistake there
+//! shows up as a divergence), and a driver that applies one sequence of
+//! [`Op`]s to the model and to a real store, comparing after every step.
+//!
+//! Shared by the proptest driver (`tests/model_based.rs`), the named
+//! regression tests, and the cargo-fuzz target (`fuzz/fuzz_targets/model.rs`).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sled_idempotency::{
+    ClaimOutcome, ClaimResult, Durability, Error, Holder, Lease, ManualClock, MessageId, Record,
+    SledIdempotencyStore, State,
+};
+
+/// Keys are drawn from a small space so that operations collide.
+pub const KEYS: u8 = 4;
+/// Start of the model clock (unix ms).
+pub const T0: u64 = 1_800_000_000_000;
+/// `default_ttl` of the store under test (retention of an unclaimed done).
+pub const DEFAULT_TTL_MS: u64 = 500;
+
+/// One step applied to both the model and the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `try_claim` through the bus-core semantics.
+    TryClaim { key: u8, ttl: u16 },
+    /// `mark_done`.
+    MarkDone { key: u8 },
+    /// `release`.
+    Release { key: u8 },
+    /// `claim` or `claim_with_fingerprint`; an acquired lease goes to the
+    /// next lease slot.
+    Claim {
+        key: u8,
+        ttl: u16,
+        fingerprint: Option<u8>,
+    },
+    /// `complete` (no result) or `complete_with` (a result of that length).
+    Complete { slot: u8, result: Option<u8> },
+    /// `abandon`.
+    Abandon { slot: u8 },
+    /// `extend`.
+    Extend { slot: u8, ttl: u16 },
+    /// Move the clock forward.
+    Advance { ms: u16 },
+    /// `sweep_expired`.
+    Sweep,
+    /// `close`, then open again.
+    CloseReopen,
+    /// Drop every handle without `close`, then open again.
+    DropReopen,
+}
+
+impl Op {
+    /// Decodes one op from raw bytes (the fuzzer's input), or `None` when the
+    /// bytes run out.
+    pub fn take(bytes: &mut &[u8]) -> Option<Op> {
+        let mut next = || {
+            let (&b, rest) = bytes.split_first()?;
+            *bytes = rest;
+            Some(b)
+        };
+        let tag = next()?;
+        let a = next().unwrap_or(0);
+        let b = next().unwrap_or(0);
+        let key = a % KEYS;
+        let ttl = 1 + u16::from(b) * 4;
+        Some(match tag % 16 {
+            0 | 1 => Op::TryClaim { key, ttl },
+            2 => Op::MarkDone { key },
+            3 => Op::Release { key },
+            4 | 5 => Op::Claim {
+                key,
+                ttl,
+                fingerprint: None,
+            },
+            6 => Op::Claim {
+                key,
+                ttl,
+                fingerprint: Some(b % 3),
+            },
+            7 => Op::Complete {
+                slot: a,
+                result: None,
+            },
+            8 => Op::Complete {
+                slot: a,
+                result: Some(b),
+            },
+            9 => Op::Abandon { slot: a },
+            10 => Op::Extend { slot: a, ttl },
+            11 | 12 => Op::Advance {
+                ms: u16::from(b) * 8,
+            },
+            13 => Op::Sweep,
+            14 => Op::CloseReopen,
+            _ => Op::DropReopen,
+        })
+    }
+}
+
+/// What the model keeps for a key. `claim` numbers the claims of a run in
+/// order (1, 2, …; 0 for a done record written without a claim); the driver
+/// maps it to the store's fencing token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MRecord {
+    pending: bool,
+    expires_at: u64,
+    claim: usize,
+    attempts: u32,
+    ttl_ms: u64,
+    fingerprint: Option<u8>,
+    result: Option<Vec<u8>>,
+}
+
+/// What the model expects a lease operation to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LeaseOutcome {
+    Ok,
+    Lost(MHolder),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MHolder {
+    Nothing,
+    Claim {
+        claim: usize,
+        expires_at: u64,
+        attempts: u32,
+    },
+    Done {
+        claim: usize,
+        expires_at: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct MLease {
+    key: u8,
+    claim: usize,
+    expires_at: u64,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    now: u64,
+    records: BTreeMap<u8, MRecord>,
+    claims: usize,
+}
+
+impl Model {
+    fn live(&self, key: u8) -> Option<&MRecord> {
+        self.records.get(&key).filter(|r| self.now < r.expires_at)
+    }
+
+    fn claim(&mut self, key: u8, ttl: u64, fingerprint: Option<u8>) -> ClaimResult {
+        if let Some(r) = self.live(key) {
+            if let (Some(given), Some(stored)) = (fingerprint, r.fingerprint)
+                && given != stored
+            {
+                return ClaimResult::Conflict { done: !r.pending };
+            }
+            return if r.pending {
+                ClaimResult::InProgress {
+                    expires_at: r.expires_at,
+                    attempts: r.attempts,
+                }
+            } else {
+                ClaimResult::Done {
+                    result: r.result.clone(),
+                }
+            };
+        }
+        let attempts = match self.records.get(&key) {
+            Some(r) if r.pending => r.attempts + 1,
+            _ => 1,
+        };
+        self.claims += 1;
+        let record = MRecord {
+            pending: true,
+            expires_at: self.now + ttl,
+            claim: self.claims,
+            attempts,
+            ttl_ms: ttl,
+            fingerprint,
+            result: None,
+        };
+        self.records.insert(key, record);
+        // The driver fills in the real lease; only the outcome kind matters here.
+        ClaimResult::InProgress {
+            expires_at: u64::MAX,
+            attempts,
+        }
+    }
+
+    fn done_from(&self, r: &MRecord, result: Option<Vec<u8>>) -> MRecord {
+        MRecord {
+            pending: false,
+            expires_at: self.now + r.ttl_ms,
+            result,
+            ..r.clone()
+        }
+    }
+
+    fn mark_done(&mut self, key: u8) {
+        let new = match self.records.get(&key) {
+            Some(r) if r.pending => self.done_from(r, None),
+            Some(_) if self.live(key).is_some() => return,
+            _ => MRecord {
+                pending: false,
+                expires_at: self.now + DEFAULT_TTL_MS,
+                claim: 0,
+                attempts: 0,
+                ttl_ms: DEFAULT_TTL_MS,
+                fingerprint: None,
+                result: None,
+            },
+        };
+        self.records.insert(key, new);
+    }
+
+    fn release(&mut self, key: u8) {
+        if self.records.get(&key).is_some_and(|r| r.pending) {
+            self.records.remove(&key);
+        }
+    }
+
+    fn holder(&self, key: u8) -> MHolder {
+        match self.records.get(&key) {
+            None => MHolder::Nothing,
+            Some(r) if r.pending => MHolder::Claim {
+                claim: r.claim,
+                expires_at: r.expires_at,
+                attempts: r.attempts,
+            },
+            Some(_) if self.live(key).is_none() => MHolder::Nothing,
+            Some(r) => MHolder::Done {
+                claim: r.claim,
+                expires_at: r.expires_at,
+            },
+        }
+    }
+
+    fn holds(&self, lease: &MLease) -> bool {
+        self.records
+            .get(&lease.key)
+            .is_some_and(|r| r.pending && r.claim == lease.claim)
+    }
+
+    fn complete(&mut self, lease: &MLease, result: Option<Vec<u8>>) -> LeaseOutcome {
+        if let Some(r) = self.live(lease.key)
+            && !r.pending
+            && r.claim == lease.claim
+        {
+            return LeaseOutcome::Ok;
+        }
+        if !self.holds(lease) {
+            return LeaseOutcome::Lost(self.holder(lease.key));
+        }
+        let done = self.done_from(&self.records[&lease.key], result);
+        self.records.insert(lease.key, done);
+        LeaseOutcome::Ok
+    }
+
+    fn abandon(&mut self, lease: &MLease) -> LeaseOutcome {
+        if !self.holds(lease) {
+            return LeaseOutcome::Lost(self.holder(lease.key));
+        }
+        self.records.remove(&lease.key);
+        LeaseOutcome::Ok
+    }
+
+    fn extend(&mut self, lease: &mut MLease, ttl: u64) -> LeaseOutcome {
+        if !self.holds(lease) {
+            return LeaseOutcome::Lost(self.holder(lease.key));
+        }
+        let expires_at = self.now + ttl;
+        if let Some(r) = self.records.get_mut(&lease.key) {
+            r.expires_at = expires_at;
+        }
+        lease.expires_at = expires_at;
+        LeaseOutcome::Ok
+    }
+
+    fn sweep(&mut self) -> u64 {
+        let before = self.records.len();
+        let now = self.now;
+        self.records.retain(|_, r| now < r.expires_at);
+        (before - self.records.len()) as u64
+    }
+}
+
+pub fn key_id(key: u8) -> MessageId {
+    MessageId::from_uuid(uuid::Uuid::from_u128(u128::from(key) + 1))
+}
+
+/// Runs `ops` against a fresh store in `dir` and the model, and reports the
+/// first divergence.
+pub struct Driver {
+    dir: std::path::PathBuf,
+    durability: Durability,
+    clock: ManualClock,
+    store: Option<SledIdempotencyStore>,
+    model: Model,
+    /// Store token of model claim `n` at index `n` (index 0: no claim).
+    tokens: Vec<u64>,
+    leases: Vec<(Lease, MLease)>,
+}
+
+impl Driver {
+    pub async fn new(dir: &std::path::Path, durability: Durability) -> Result<Driver, String> {
+        let clock = ManualClock::new(T0);
+        let mut driver = Driver {
+            dir: dir.join("db"),
+            durability,
+            clock,
+            store: None,
+            model: Model {
+                now: T0,
+                ..Model::default()
+            },
+            tokens: vec![0],
+            leases: Vec::new(),
+        };
+        driver.reopen().await?;
+        Ok(driver)
+    }
+
+    async fn reopen(&mut self) -> Result<(), String> {
+        let store = SledIdempotencyStore::builder(&self.dir)
+            .clock(self.clock.clone())
+            .durability(self.durability)
+            .default_ttl(Duration::from_millis(DEFAULT_TTL_MS))
+            .sweep_interval(Duration::from_secs(3600))
+            .open()
+            .await
+            .map_err(|e| format!("reopen failed: {e}"))?;
+        self.store = Some(store);
+        Ok(())
+    }
+
+    fn store(&self) -> Result<&SledIdempotencyStore, String> {
+        self.store
+            .as_ref()
+            .ok_or_else(|| "no open store".to_owned())
+    }
+
+    /// The lease in `slot` (modulo the number of leases), if any.
+    fn slot(&self, slot: u8) -> Option<usize> {
+        (!self.leases.is_empty()).then(|| usize::from(slot) % self.leases.len())
+    }
+
+    fn record_claim(&mut self, lease: &Lease) -> Result<(), String> {
+        let last = self.tokens.last().copied().unwrap_or(0);
+        if lease.token() <= last {
+            return Err(format!(
+                "token {} does not exceed the previous {last}",
+                lease.token()
+            ));
+        }
+        self.tokens.push(lease.token());
+        Ok(())
+    }
+
+    fn holder_matches(&self, store: &Holder, model: &MHolder) -> bool {
+        let token = |claim: &usize| self.tokens.get(*claim).copied();
+        match (store, model) {
+            (Holder::Nothing, MHolder::Nothing) => true,
+            (
+                Holder::Claim {
+                    token: t,
+                    expires_at: e,
+                    attempts: a,
+                },
+                MHolder::Claim {
+                    claim,
+                    expires_at,
+                    attempts,
+                },
+            ) => Some(*t) == token(claim) && e == expires_at && a == attempts,
+            (
+                Holder::Done {
+                    token: t,
+                    expires_at: e,
+                },
+                MHolder::Done { claim, expires_at },
+            ) => Some(*t) == token(claim) && e == expires_at,
+            _ => false,
+        }
+    }
+
+    fn lease_result(
+        &self,
+        what: &str,
+        store: Result<(), Error>,
+        model: LeaseOutcome,
+    ) -> Result<(), String> {
+        match (store, model) {
+            (Ok(()), LeaseOutcome::Ok) => Ok(()),
+            (Err(Error::LeaseLost { holds, .. }), LeaseOutcome::Lost(expected))
+                if self.holder_matches(&holds, &expected) =>
+            {
+                Ok(())
+            }
+            (store, model) => Err(format!("{what}: store {store:?}, model {model:?}")),
+        }
+    }
+
+    /// Applies one op to both sides and compares every key afterwards.
+    pub async fn step(&mut self, op: &Op) -> Result<(), String> {
+        let key_of = |k: u8| key_id(k % KEYS);
+        match op.clone() {
+            Op::TryClaim { key, ttl } => {
+                let store = self
+                    .store()?
+                    .try_claim(&key_of(key), Duration::from_millis(u64::from(ttl)))
+                    .await;
+                let store = store.map_err(|e| format!("try_claim: {e}"))?;
+                let expected = match self.model.claim(key % KEYS, u64::from(ttl), None) {
+                    ClaimResult::Done { .. } => ClaimOutcome::AlreadyDone,
+                    ClaimResult::InProgress {
+                        expires_at: u64::MAX,
+                        ..
+                    } => ClaimOutcome::Claimed,
+                    _ => ClaimOutcome::AlreadyPending,
+                };
+                if store != expected {
+                    return Err(format!("try_claim: store {store:?}, model {expected:?}"));
+                }
+                if store == ClaimOutcome::Claimed {
+                    let record = self
+                        .store()?
+                        .get_record(&key_of(key))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let token = record.map(|r| r.token).unwrap_or(0);
+                    let last = self.tokens.last().copied().unwrap_or(0);
+                    if token <= last {
+                        return Err(format!("token {token} does not exceed {last}"));
+                    }
+                    self.tokens.push(token);
+                }
+            }
+            Op::MarkDone { key } => {
+                self.store()?
+                    .mark_done(&key_of(key))
+                    .await
+                    .map_err(|e| format!("mark_done: {e}"))?;
+                self.model.mark_done(key % KEYS);
+            }
+            Op::Release { key } => {
+                self.store()?
+                    .release(&key_of(key))
+                    .await
+                    .map_err(|e| format!("release: {e}"))?;
+                self.model.release(key % KEYS);
+            }
+            Op::Claim {
+                key,
+                ttl,
+                fingerprint,
+            } => {
+                let ttl_d = Duration::from_millis(u64::from(ttl));
+                let store = match fingerprint {
+                    Some(f) => {
+                        self.store()?
+                            .claim_with_fingerprint(&key_of(key), ttl_d, &[f])
+                            .await
+                    }
+                    None => self.store()?.claim(&key_of(key), ttl_d).await,
+                }
+                .map_err(|e| format!("claim: {e}"))?;
+                let expected = self.model.claim(key % KEYS, u64::from(ttl), fingerprint);
+                match (&store, &expected) {
+                    (
+                        ClaimResult::Acquired(lease),
+                        ClaimResult::InProgress {
+                            expires_at: u64::MAX,
+                            attempts,
+                        },
+                    ) => {
+                        if lease.attempt() != *attempts
+                            || lease.expires_at() != self.model.now + u64::from(ttl)
+                        {
+                            return Err(format!(
+                                "claim: lease {lease:?}, model attempts {attempts}"
+                            ));
+                        }
+                        self.record_claim(lease)?;
+                        let mlease = MLease {
+                            key: key % KEYS,
+                            claim: self.model.claims,
+                            expires_at: lease.expires_at(),
+                        };
+                        self.leases.push((lease.clone(), mlease));
+                    }
+                    (store, expected) if store == expected => {}
+                    (store, expected) => {
+                        return Err(format!("claim: store {store:?}, model {expected:?}"));
+                    }
+                }
+            }
+            Op::Complete { slot, result } => {
+                let Some(i) = self.slot(slot) else {
+                    return Ok(());
+                };
+                let (lease, mlease) = self.leases[i].clone();
+                let bytes = result.map(|n| vec![n; usize::from(n)]);
+                let store = match &bytes {
+                    Some(b) => self.store()?.complete_with(&lease, b).await,
+                    None => self.store()?.complete(&lease).await,
+                };
+                let model = self.model.complete(&mlease, bytes);
+                self.lease_result("complete", store, model)?;
+            }
+            Op::Abandon { slot } => {
+                let Some(i) = self.slot(slot) else {
+                    return Ok(());
+                };
+                let (lease, mlease) = self.leases[i].clone();
+                let store = self.store()?.abandon(&lease).await;
+                let model = self.model.abandon(&mlease);
+                self.lease_result("abandon", store, model)?;
+            }
+            Op::Extend { slot, ttl } => {
+                let Some(i) = self.slot(slot) else {
+                    return Ok(());
+                };
+                let (lease, mut mlease) = self.leases[i].clone();
+                let store = self
+                    .store()?
+                    .extend(&lease, Duration::from_millis(u64::from(ttl)))
+                    .await;
+                let model = self.model.extend(&mut mlease, u64::from(ttl));
+                let (store, new_lease) = match store {
+                    Ok(l) => (Ok(()), Some(l)),
+                    Err(e) => (Err(e), None),
+                };
+                self.lease_result("extend", store, model)?;
+                if let Some(new_lease) = new_lease {
+                    if new_lease.expires_at() != mlease.expires_at {
+                        return Err(format!("extend: lease {new_lease:?}, model {mlease:?}"));
+                    }
+                    self.leases[i] = (new_lease, mlease);
+                }
+            }
+            Op::Advance { ms } => {
+                self.clock.advance(Duration::from_millis(u64::from(ms)));
+                self.model.now += u64::from(ms);
+            }
+            Op::Sweep => {
+                let report = self
+                    .store()?
+                    .sweep_expired()
+                    .await
+                    .map_err(|e| format!("sweep: {e}"))?;
+                let removed = self.model.sweep();
+                if report.removed != removed || report.corrupt != 0 {
+                    return Err(format!("sweep: store {report:?}, model removed {removed}"));
+                }
+            }
+            Op::CloseReopen => {
+                self.store()?
+                    .close()
+                    .await
+                    .map_err(|e| format!("close: {e}"))?;
+                self.reopen().await?;
+            }
+            Op::DropReopen => {
+                self.store = None;
+                self.reopen().await?;
+            }
+        }
+        self.compare().await
+    }
+
+    /// Every key: the store's record equals the model's.
+    async fn compare(&self) -> Result<(), String> {
+        for key in 0..KEYS {
+            let stored: Option<Record> = self
+                .store()?
+                .get_record(&key_id(key))
+                .await
+                .map_err(|e| format!("get_record: {e}"))?;
+            let expected = self.model.records.get(&key);
+            let same = match (&stored, expected) {
+                (None, None) => true,
+                (Some(s), Some(m)) => {
+                    s.state
+                        == if m.pending {
+                            State::Pending
+                        } else {
+                            State::Done
+                        }
+                        && s.expires_at == m.expires_at
+                        && Some(s.token) == self.tokens.get(m.claim).copied()
+                        && s.attempts == m.attempts
+                        && s.ttl_ms == m.ttl_ms
+                        && s.fingerprint == m.fingerprint.map(|f| vec![f])
+                        && s.result == m.result
+                }
+                _ => false,
+            };
+            if !same {
+                return Err(format!("key {key}: store {stored:?}, model {expected:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies every op, then closes the store.
+    pub async fn run(mut self, ops: &[Op]) -> Result<(), String> {
+        for (i, op) in ops.iter().enumerate() {
+            self.step(op)
+                .await
+                .map_err(|e| format!("step {i} {op:?}: {e}"))?;
+        }
+        self.store()?
+            .close()
+            .await
+            .map_err(|e| format!("final close: {e}"))
+    }
+}
+
+/// Runs `ops` on a fresh store in a temporary directory.
+pub async fn check(ops: &[Op], durability: Durability) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    Driver::new(dir.path(), durability).await?.run(ops).await
+}

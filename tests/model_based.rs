@@ -1,0 +1,72 @@
+//! Model-based testing: random sequences of operations (claims, completions,
+//! releases, lease operations, clock moves, sweeps, close and drop with
+//! reopen) applied to the store and to an in-memory model of SPEC §2,
+//! compared after every step.
+//!
+//! `PROPTEST_CASES` sets the number of sequences (CI runs the default here,
+//! 64); set it to thousands for a long run.
+
+mod model;
+
+use std::time::Duration;
+
+use model::{KEYS, Op};
+use proptest::prelude::*;
+use sled_idempotency::Durability;
+
+fn op() -> impl Strategy<Value = Op> {
+    let key = 0..KEYS;
+    let ttl = 1..400u16;
+    prop_oneof![
+        4 => (key.clone(), ttl.clone()).prop_map(|(key, ttl)| Op::TryClaim { key, ttl }),
+        2 => key.clone().prop_map(|key| Op::MarkDone { key }),
+        2 => key.clone().prop_map(|key| Op::Release { key }),
+        4 => (key.clone(), ttl.clone(), proptest::option::of(0..3u8))
+            .prop_map(|(key, ttl, fingerprint)| Op::Claim { key, ttl, fingerprint }),
+        3 => (any::<u8>(), proptest::option::of(0..40u8)).prop_map(|(slot, result)| Op::Complete { slot, result }),
+        2 => any::<u8>().prop_map(|slot| Op::Abandon { slot }),
+        2 => (any::<u8>(), ttl).prop_map(|(slot, ttl)| Op::Extend { slot, ttl }),
+        4 => (0..300u16).prop_map(|ms| Op::Advance { ms }),
+        1 => Just(Op::Sweep),
+        1 => Just(Op::CloseReopen),
+        1 => Just(Op::DropReopen),
+    ]
+}
+
+fn durability() -> impl Strategy<Value = Durability> {
+    prop_oneof![
+        3 => Just(Durability::Periodic(Duration::from_secs(3600))),
+        1 => Just(Durability::Flush),
+    ]
+}
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    ProptestConfig {
+        cases,
+        // Failures persist as named regression tests, not as files.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn the_store_behaves_like_the_model(
+        ops in proptest::collection::vec(op(), 1..60),
+        durability in durability(),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        runtime
+            .block_on(model::check(&ops, durability))
+            .map_err(TestCaseError::fail)?;
+    }
+}
