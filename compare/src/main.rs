@@ -1,0 +1,121 @@
+//! Side-by-side comparison of sled-idempotency with what a user would pick
+//! instead, in one run on one machine: raw sled (the limit beneath the
+//! store), SQLite through rusqlite (WAL, an `INSERT … ON CONFLICT DO
+//! NOTHING` claim) and Redis through the `redis` crate (`SET NX PX`
+//! against a `redis-server` started here on loopback). Prints markdown.
+//!
+//! Run: `cargo run --release` (from `compare/`); `-- --smoke` for a
+//! seconds-long run that only checks everything works.
+
+mod engines;
+mod measure;
+
+use std::time::Duration;
+
+use engines::{Engine, Ours, RawSled, Redis, Sqlite};
+use measure::{Row, Sample};
+use sled_idempotency::Durability;
+
+pub struct Settings {
+    pub warmup: Duration,
+    pub measure: Duration,
+    pub big: u64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--peak-rss-child") {
+        measure::peak_rss_child(&args[i + 1..]);
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--reopen-child") {
+        measure::reopen_child(&args[i + 1..]);
+        return;
+    }
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let mut settings = if smoke {
+        Settings {
+            warmup: Duration::from_millis(100),
+            measure: Duration::from_millis(400),
+            big: 20_000,
+        }
+    } else {
+        Settings {
+            warmup: Duration::from_millis(500),
+            measure: Duration::from_secs(4),
+            big: 1_000_000,
+        }
+    };
+    if let Some(big) = std::env::var("COMPARE_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        settings.big = big; // for quick experiments; the committed table uses the default
+    }
+    let redis = match Redis::server() {
+        Ok(server) => Some(server),
+        Err(why) => {
+            eprintln!("redis rows skipped: {why}");
+            None
+        }
+    };
+
+    println!("{}", measure::machine());
+    println!(
+        "Command: `cd compare && cargo run --release{}`\n",
+        if smoke { " -- --smoke" } else { "" }
+    );
+
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    if let Some(section) = only.as_deref() {
+        match section {
+            "sweep" => println!("{}", measure::sweep_impact(&settings)),
+            "space" => println!("{}", measure::space_and_reopen(&settings)),
+            other => eprintln!("unknown section {other}: use sweep or space"),
+        }
+        return;
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let periodic = Durability::Periodic(Duration::from_millis(100));
+    for (durable, tasks) in [(false, 1), (true, 1), (false, 64), (true, 64)] {
+        let scenario = format!(
+            "claim of a new key, {}, {tasks} task{}",
+            if durable { "durable" } else { "not durable" },
+            if tasks == 1 { "" } else { "s" }
+        );
+        let mut engines: Vec<Box<dyn Engine>> = vec![
+            Box::new(Ours::open(if durable {
+                Durability::Sync
+            } else {
+                periodic
+            })),
+            Box::new(RawSled::open(durable)),
+            Box::new(Sqlite::open(durable)),
+        ];
+        if let Some(server) = &redis {
+            match server.engine(durable) {
+                Ok(engine) => engines.push(Box::new(engine)),
+                Err(why) => eprintln!("redis skipped for {scenario}: {why}"),
+            }
+        }
+        let samples: Vec<(String, Sample)> = engines
+            .iter()
+            .map(|e| {
+                eprintln!("running {scenario}: {}", e.label());
+                (e.label(), e.run(tasks, &settings))
+            })
+            .collect();
+        let ours = samples[0].1.throughput();
+        for (label, sample) in samples {
+            rows.push(Row::new(&scenario, &label, tasks, &sample, ours));
+        }
+    }
+    println!("{}", measure::table(&rows));
+
+    println!("{}", measure::sweep_impact(&settings));
+    println!("{}", measure::space_and_reopen(&settings));
+}

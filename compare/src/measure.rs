@@ -1,0 +1,407 @@
+//! Timing, statistics and the markdown output.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sled_idempotency::{Durability, ManualClock, MessageId, SledIdempotencyStore};
+
+use crate::Settings;
+
+/// Latencies (ns) of the operations of one run and how long it lasted.
+pub struct Sample {
+    pub latencies: Vec<u64>,
+    pub elapsed: Duration,
+}
+
+impl Sample {
+    pub fn merge(parts: Vec<Vec<u64>>, elapsed: Duration) -> Sample {
+        let mut latencies: Vec<u64> = parts.into_iter().flatten().collect();
+        latencies.sort_unstable();
+        Sample { latencies, elapsed }
+    }
+
+    pub fn throughput(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        Duration::from_nanos(self.latencies[i])
+    }
+}
+
+pub struct Row {
+    scenario: String,
+    engine: String,
+    tasks: usize,
+    throughput: f64,
+    p50: Duration,
+    p99: Duration,
+    ours_over_it: f64,
+}
+
+impl Row {
+    pub fn new(scenario: &str, engine: &str, tasks: usize, sample: &Sample, ours: f64) -> Row {
+        Row {
+            scenario: scenario.to_owned(),
+            engine: engine.to_owned(),
+            tasks,
+            throughput: sample.throughput(),
+            p50: sample.percentile(0.50),
+            p99: sample.percentile(0.99),
+            ours_over_it: ours / sample.throughput(),
+        }
+    }
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| scenario | engine | tasks | claims/s | p50 | p99 | ours ÷ engine |\n|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {} | {} | {:.2}× |\n",
+            r.scenario,
+            r.engine,
+            r.tasks,
+            r.throughput,
+            micros(r.p50),
+            micros(r.p99),
+            r.ours_over_it
+        ));
+    }
+    out
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A markdown line naming the machine the numbers come from.
+pub fn machine() -> String {
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0);
+    let kernel = read("/proc/sys/kernel/osrelease");
+    let tmp = std::env::temp_dir();
+    let fs = read("/proc/mounts")
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, mount, kind) = (f.next()?, f.next()?, f.next()?);
+            tmp.starts_with(mount)
+                .then(|| (mount.len(), format!("{kind} at {mount}")))
+        })
+        .max()
+        .map_or_else(|| "unknown".into(), |(_, f)| f);
+    format!(
+        "Machine: {cpu}, {cores} cores, {:.1} GiB, Linux {}, temporary files on {fs}.\n",
+        mem_kib as f64 / 1024.0 / 1024.0,
+        kernel.trim()
+    )
+}
+
+fn key(n: u64) -> MessageId {
+    MessageId::from_uuid(uuid::Uuid::from_u128(u128::from(n)))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Claims new keys from one task until `until()` is false; latencies in ns.
+async fn claim_while(
+    store: &SledIdempotencyStore,
+    first: u64,
+    until: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let mut latencies = Vec::new();
+    let mut n = first;
+    while until(n - first) {
+        let start = Instant::now();
+        store
+            .try_claim(&key(n), Duration::from_secs(3600))
+            .await
+            .expect("claim");
+        latencies.push(start.elapsed().as_nanos() as u64);
+        n += 1;
+    }
+    latencies
+}
+
+/// Claim p99 latency with the store idle, then while `sweep_expired`
+/// removes `settings.big` expired records, per durability mode.
+pub fn sweep_impact(settings: &Settings) -> String {
+    let rt = runtime();
+    let mut out = format!(
+        "Claim latency during a sweep of {} expired records (one task claiming new keys):\n\n| durability | idle p50 | idle p99 | during sweep p50 | during sweep p99 | sweep p99 ÷ idle p99 | sweep took |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        settings.big
+    );
+    for (name, durability) in [
+        ("Periodic", Durability::Periodic(Duration::from_millis(100))),
+        ("Sync", Durability::Sync),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(1_800_000_000_000);
+        let (idle, busy, took) = rt.block_on(async {
+            let store = fill(
+                &dir.path().join("db"),
+                &clock,
+                settings.big,
+                Duration::from_secs(1),
+            )
+            .await;
+            store.close().await.expect("close");
+            let store = SledIdempotencyStore::builder(dir.path().join("db"))
+                .clock(clock.clone())
+                .durability(durability)
+                .open()
+                .await
+                .expect("open");
+            clock.advance(Duration::from_secs(1));
+            let measure = settings.measure;
+            let start = Instant::now();
+            let idle = claim_while(&store, 1 << 40, |_| start.elapsed() < measure).await;
+            let idle = Sample::merge(vec![idle], start.elapsed());
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sweeper = {
+                let (store, done) = (store.clone(), done.clone());
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    let report = store.sweep_expired().await.expect("sweep");
+                    done.store(true, std::sync::atomic::Ordering::SeqCst);
+                    (report, start.elapsed())
+                })
+            };
+            let start = Instant::now();
+            let busy = claim_while(&store, 1 << 41, |_| {
+                !done.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .await;
+            let busy = Sample::merge(vec![busy], start.elapsed());
+            let (report, took) = sweeper.await.expect("sweep task");
+            assert_eq!(report.removed, settings.big);
+            store.close().await.expect("close");
+            (idle, busy, took)
+        });
+        out.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {:.2}× | {:.2?} |\n",
+            micros(idle.percentile(0.5)),
+            micros(idle.percentile(0.99)),
+            micros(busy.percentile(0.5)),
+            micros(busy.percentile(0.99)),
+            busy.percentile(0.99).as_secs_f64() / idle.percentile(0.99).as_secs_f64(),
+            took
+        ));
+    }
+    out
+}
+
+/// Writes `count` claims with one flush at the end (as `raw_fill` does for
+/// raw sled), so both databases are written the same way.
+async fn fill(path: &Path, clock: &ManualClock, count: u64, ttl: Duration) -> SledIdempotencyStore {
+    let store = SledIdempotencyStore::builder(path)
+        .durability(Durability::Periodic(Duration::from_secs(3600)))
+        .clock(clock.clone())
+        .open()
+        .await
+        .expect("open");
+    for n in 0..count {
+        store.try_claim(&key(n), ttl).await.expect("fill");
+    }
+    store
+}
+
+fn raw_fill(path: &Path, count: u64) {
+    let db = sled::Config::new()
+        .path(path)
+        .cache_capacity(sled_idempotency::DEFAULT_CACHE_CAPACITY)
+        .flush_every_ms(None)
+        .open()
+        .expect("raw sled");
+    let tree = db.open_tree("records").expect("tree");
+    for n in 0..count {
+        let k = u128::from(n).to_be_bytes();
+        tree.compare_and_swap(k, None::<&[u8]>, Some(&[7u8; 16][..]))
+            .expect("cas")
+            .expect("new key");
+    }
+    db.flush().expect("flush");
+}
+
+/// Bytes allocated on disk below `path`.
+fn disk_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(path).expect("read_dir").flatten() {
+        let meta = entry.metadata().expect("metadata");
+        total += if meta.is_dir() {
+            disk_bytes(&entry.path())
+        } else {
+            meta.blocks() * 512
+        };
+    }
+    total
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Disk bytes per live record, peak memory, and reopen time, ours against
+/// raw sled holding the same keys with 16-byte values.
+pub fn space_and_reopen(settings: &Settings) -> String {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, raw) = (dir.path().join("ours"), dir.path().join("raw"));
+    let clock = ManualClock::new(1_800_000_000_000);
+    rt.block_on(async {
+        let store = fill(&ours, &clock, settings.big, Duration::from_secs(3600)).await;
+        store.close().await.expect("close");
+    });
+    raw_fill(&raw, settings.big);
+    let (ours_bytes, raw_bytes) = (disk_bytes(&ours), disk_bytes(&raw));
+
+    // Each reopen runs in a fresh process, as a restarted worker would:
+    // same page cache, cold allocator, nothing left over from the last open.
+    let mut ours_open = Vec::new();
+    let mut raw_open = Vec::new();
+    let mut raw_on_ours = Vec::new();
+    for _ in 0..5 {
+        ours_open.push(reopen_in_child("ours", &ours));
+        raw_open.push(reopen_in_child("raw", &raw));
+        raw_on_ours.push(reopen_in_child("raw", &ours));
+    }
+    let raw_on_ours = median(raw_on_ours);
+    let (ours_open, raw_open) = (median(ours_open), median(raw_open));
+    let per = |bytes: u64| bytes as f64 / settings.big as f64;
+    let (ours_peak, raw_peak) = (
+        peak_rss("ours", settings.big),
+        peak_rss("raw", settings.big),
+    );
+    format!(
+        "Space, memory and reopen with {n} live records (ours: records as written by claims; raw sled: the same keys with 16-byte values; both with a {cache} MiB cache):\n\n| measure | ours | raw sled | ours ÷ raw sled |\n|---|---:|---:|---:|\n| disk bytes per live record | {:.1} | {:.1} | {:.2}× |\n| peak RSS while writing them | {} | {} | {:.2}× |\n| reopen in a fresh process (median of 5) | {:.2?} | {:.2?} | {:.2}× |\n| raw sled opening our database, same way | {raw_on_ours:.2?} | | {:.2}× |\n",
+        per(ours_bytes),
+        per(raw_bytes),
+        ours_bytes as f64 / raw_bytes as f64,
+        ours_peak.map_or("n/a".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0)),
+        raw_peak.map_or("n/a".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0)),
+        match (ours_peak, raw_peak) {
+            (Some(o), Some(r)) => o as f64 / r as f64,
+            _ => f64::NAN,
+        },
+        ours_open,
+        raw_open,
+        ours_open.as_secs_f64() / raw_open.as_secs_f64(),
+        raw_on_ours.as_secs_f64() / raw_open.as_secs_f64(),
+        n = settings.big,
+        cache = sled_idempotency::DEFAULT_CACHE_CAPACITY >> 20,
+    )
+}
+
+/// Time to open the database at `path` in a fresh child process.
+fn reopen_in_child(which: &str, path: &Path) -> Duration {
+    let exe = std::env::current_exe().expect("current exe");
+    let out = std::process::Command::new(exe)
+        .args(["--reopen-child", which])
+        .arg(path)
+        .output()
+        .expect("reopen child");
+    let nanos: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("reopen time");
+    Duration::from_nanos(nanos)
+}
+
+/// In the child: open the database, print how long it took (ns), close.
+pub fn reopen_child(args: &[String]) {
+    let (which, path) = (args[0].as_str(), Path::new(&args[1]));
+    if which == "ours" {
+        let rt = runtime();
+        let start = Instant::now();
+        let store = rt
+            .block_on(SledIdempotencyStore::open(path))
+            .expect("reopen");
+        println!("{}", start.elapsed().as_nanos());
+        rt.block_on(store.close()).expect("close");
+    } else {
+        let open = move || {
+            let start = Instant::now();
+            let db = sled::Config::new()
+                .path(path)
+                .cache_capacity(sled_idempotency::DEFAULT_CACHE_CAPACITY)
+                .flush_every_ms(None)
+                .open()
+                .expect("raw reopen");
+            let tree = db.open_tree("records").expect("tree");
+            println!("{}", start.elapsed().as_nanos());
+            drop((tree, db));
+        };
+        open();
+    }
+}
+
+/// Peak RSS (KiB) of a child process writing `count` records.
+fn peak_rss(which: &str, count: u64) -> Option<u64> {
+    let exe = std::env::current_exe().ok()?;
+    let out = std::process::Command::new(exe)
+        .args(["--peak-rss-child", which, &count.to_string()])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// In the child: write the records, print VmHWM in KiB.
+pub fn peak_rss_child(args: &[String]) {
+    let (which, count) = (args[0].as_str(), args[1].parse::<u64>().expect("count"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    if which == "ours" {
+        let rt = runtime();
+        let clock = ManualClock::new(1_800_000_000_000);
+        rt.block_on(async {
+            let store = fill(
+                &dir.path().join("db"),
+                &clock,
+                count,
+                Duration::from_secs(3600),
+            )
+            .await;
+            store.close().await.expect("close");
+        });
+    } else {
+        raw_fill(&dir.path().join("db"), count);
+    }
+    let hwm = read("/proc/self/status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:")
+                .map(|v| v.trim().trim_end_matches(" kB").to_owned())
+        })
+        .unwrap_or_default();
+    println!("{hwm}");
+}
