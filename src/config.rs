@@ -16,8 +16,11 @@ pub const DEFAULT_DURABILITY: Durability = Durability::Sync;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// Default period of the expiry sweeper: 60 seconds.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// Default number of records the sweeper inspects before it pauses: 256
-/// (about 1–2 ms of work; the sweeper then pauses as long as the batch took).
+/// Default number of records the sweeper inspects before it pauses: 64.
+/// Small batches keep each burst of sweeping short; the sweeper then pauses
+/// as long as the batch took. Measured on 2 cores with `Durability::Sync`,
+/// claim p99 during a sweep of 1,000,000 records rose 3.2× with batches of
+/// 256 and 1.5× with 64.
 pub const DEFAULT_SWEEP_BATCH: usize = 64;
 /// Default largest result `complete_with` may cache: 4 KiB.
 pub const DEFAULT_MAX_RESULT_SIZE: usize = 4 * 1024;
@@ -118,7 +121,7 @@ impl Builder {
         self
     }
 
-    /// Records the sweeper inspects before yielding to other tasks. Default
+    /// Records the sweeper inspects before pausing for other tasks. Default
     /// [`DEFAULT_SWEEP_BATCH`].
     #[must_use]
     pub fn sweep_batch(mut self, batch: usize) -> Self {

@@ -2,9 +2,10 @@
 //!
 //! Correctness never depends on it (expired records already behave as
 //! absent); it only keeps the database from growing without bound. It scans
-//! the keyspace in bounded batches, yields between them, and removes a record
-//! only with a compare-and-swap on the exact bytes it inspected, so a key
-//! re-claimed between the read and the removal is left alone.
+//! the keyspace in bounded batches, pauses between them, stops at the last
+//! key present when it began, and removes a record only with a
+//! compare-and-swap on the exact bytes it inspected, so a key re-claimed
+//! between the read and the removal is left alone.
 //!
 //! Cost: one sweep reads every record (it is a scan, not an index lookup).
 //! An expiry index would make a sweep proportional to what it removes, but it
