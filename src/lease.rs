@@ -9,10 +9,11 @@ use bus_core::MessageId;
 ///
 /// `complete`, `abandon` and `extend` succeed only while the record still
 /// holds this lease's token (an expired lease that nobody re-claimed is still
-/// held). The token strictly increases across all claims of the database,
-/// restarts included, so a handler can pass it to downstream systems as a
-/// fencing token: a write carrying a smaller token than one already seen
-/// comes from a worker whose lease was taken over.
+/// held). Tokens are unique in the database, restarts and crashes included,
+/// and strictly increase along each key's history, so a handler can pass the
+/// token to downstream systems as a fencing token: a write about the same
+/// message carrying a smaller token than one already seen comes from a worker
+/// whose lease was taken over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub(crate) key: MessageId,

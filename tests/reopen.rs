@@ -72,8 +72,9 @@ async fn check_after_reopen(
     Ok(())
 }
 
-#[tokio::test]
-async fn close_then_reopen_keeps_everything() -> TestResult {
+/// Runs the script in every durability mode, ends the store with `close`
+/// or a plain drop, and checks the reopened database.
+async fn restart_keeps_everything(close: bool) -> TestResult {
     for durability in [
         Durability::Sync,
         Durability::Flush,
@@ -83,27 +84,24 @@ async fn close_then_reopen_keeps_everything() -> TestResult {
         let store = fx.open_with(durability).await?;
         scripted(&store).await?;
         let before = snapshot(&store).await?;
-        store.close().await?;
+        if close {
+            store.close().await?;
+        } else {
+            drop(store);
+        }
         check_after_reopen(&fx, before, durability).await?;
     }
     Ok(())
 }
 
 #[tokio::test]
+async fn close_then_reopen_keeps_everything() -> TestResult {
+    restart_keeps_everything(true).await
+}
+
+#[tokio::test]
 async fn drop_without_close_then_reopen_keeps_everything() -> TestResult {
-    for durability in [
-        Durability::Sync,
-        Durability::Flush,
-        Durability::Periodic(Duration::from_secs(3600)),
-    ] {
-        let fx = Fixture::new();
-        let store = fx.open_with(durability).await?;
-        scripted(&store).await?;
-        let before = snapshot(&store).await?;
-        drop(store);
-        check_after_reopen(&fx, before, durability).await?;
-    }
-    Ok(())
+    restart_keeps_everything(false).await
 }
 
 #[tokio::test]
