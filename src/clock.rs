@@ -9,6 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// `d` in whole milliseconds, saturating at `u64::MAX`.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A source of wall-clock time in unix milliseconds.
 pub trait Clock: Send + Sync + Debug + 'static {
     /// Milliseconds since the unix epoch.
@@ -24,7 +29,7 @@ impl Clock for SystemClock {
         // A clock set before 1970 reads as the epoch rather than panicking.
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, millis)
     }
 }
 
@@ -58,7 +63,7 @@ impl ManualClock {
 
     /// Moves the clock forward by `by` (saturating at `u64::MAX` ms).
     pub fn advance(&self, by: Duration) {
-        let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        let by = millis(by);
         let _ = self
             .millis
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock, millis};
 use crate::error::{Error, Result};
 use crate::record::MAX_RESULT_LIMIT;
 use crate::store::SledIdempotencyStore;
@@ -159,13 +159,12 @@ impl Builder {
     }
 
     fn validate(&self) -> Result<()> {
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        if ms(self.default_ttl) == 0 {
+        if millis(self.default_ttl) == 0 {
             return Err(Error::InvalidConfig(
                 "default_ttl must be at least 1 ms".into(),
             ));
         }
-        if self.done_retention.is_some_and(|d| ms(d) == 0) {
+        if self.done_retention.is_some_and(|d| millis(d) == 0) {
             return Err(Error::InvalidConfig(
                 "done_retention must be at least 1 ms".into(),
             ));

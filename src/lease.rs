@@ -4,6 +4,9 @@ use std::sync::Arc;
 
 use bus_core::MessageId;
 
+use crate::error::Error;
+use crate::machine::Holder;
+
 /// Proof of a claim: the key, the namespace and the fencing token written
 /// into the record by the claim.
 ///
@@ -42,6 +45,17 @@ impl Lease {
     /// When the claim expires, in unix milliseconds.
     pub fn expires_at(&self) -> u64 {
         self.expires_at
+    }
+
+    /// The error for an operation on this lease once the record `holds`
+    /// something else.
+    pub(crate) fn lost(&self, holds: Holder) -> Error {
+        Error::LeaseLost {
+            key: self.key.to_string(),
+            namespace: self.namespace.to_string(),
+            token: self.token,
+            holds,
+        }
     }
 
     /// Attempt number: 1 for a first claim, more when this claim took over

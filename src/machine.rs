@@ -17,7 +17,6 @@
 use std::fmt;
 
 use crate::record::{Record, State};
-use bus_core::ClaimOutcome;
 
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,19 +33,6 @@ pub enum Claim {
         /// Attempt number of the new claim (1 for a fresh key).
         attempts: u32,
     },
-}
-
-impl Claim {
-    /// The outcome reported through the `bus-core` trait. The trait cannot
-    /// express a fingerprint conflict; it never passes a fingerprint, so it
-    /// never sees one.
-    pub fn outcome(&self) -> ClaimOutcome {
-        match self {
-            Claim::AlreadyPending | Claim::Conflict => ClaimOutcome::AlreadyPending,
-            Claim::AlreadyDone => ClaimOutcome::AlreadyDone,
-            Claim::Take { .. } => ClaimOutcome::Claimed,
-        }
-    }
 }
 
 /// What a claim does to `current` at time `now`. A `fingerprint` is compared

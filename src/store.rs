@@ -13,12 +13,12 @@ use sled::IVec;
 use tokio::sync::{RwLock, watch};
 use tokio::task::JoinHandle;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, millis};
 use crate::config::Builder;
 use crate::error::{Error, Result};
 use crate::flusher::{Flusher, Syncer};
 use crate::lease::{ClaimResult, Lease};
-use crate::machine::{self, Claim, Complete, Done, Holder, Release, Retention};
+use crate::machine::{self, Claim, Complete, Done, Release, Retention};
 use crate::record::{MAX_FINGERPRINT_LEN, Record, State};
 use crate::stats::{Counters, Stats};
 use crate::sweeper::{self, SweepReport};
@@ -61,6 +61,16 @@ pub(crate) struct Space {
     index: usize,
     name: Arc<str>,
     counters: Counters,
+}
+
+impl Space {
+    fn new(index: usize, name: &str) -> Arc<Space> {
+        Arc::new(Space {
+            index,
+            name: name.into(),
+            counters: Counters::default(),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -151,15 +161,9 @@ impl SledIdempotencyStore {
         };
         let flusher = Flusher::start(Syncer::new(db.clone(), log), b.durability)?;
         let spaces: Vec<Arc<Space>> = names
-            .into_iter()
+            .iter()
             .enumerate()
-            .map(|(index, name)| {
-                Arc::new(Space {
-                    index,
-                    name: name.into(),
-                    counters: Counters::default(),
-                })
-            })
+            .map(|(index, name)| Space::new(index, name))
             .collect();
         let default = spaces[0].clone();
         let (stop, stop_rx) = watch::channel(false);
@@ -218,11 +222,7 @@ impl SledIdempotencyStore {
             .open_tree(namespace_tree(name))
             .map_err(Error::storage("creating a namespace"))?;
         let mut spaces = lock(&self.inner.spaces);
-        let space = Arc::new(Space {
-            index: spaces.len(),
-            name: name.into(),
-            counters: Counters::default(),
-        });
+        let space = Space::new(spaces.len(), name);
         open.trees.push(tree);
         spaces.push(space.clone());
         tracing::debug!(namespace = name, "namespace created");
@@ -319,34 +319,8 @@ impl SledIdempotencyStore {
             let record = decode_at(&bytes, current.as_deref())?;
             let attempts = match machine::claim(record.as_ref(), now, fingerprint) {
                 Claim::Take { attempts } => attempts,
-                found => {
-                    let record = record.unwrap_or_else(empty_record);
-                    return Ok(Acquired::Not(match found {
-                        Claim::AlreadyDone => {
-                            Counters::bump(&counters.duplicates_done);
-                            ClaimResult::Done {
-                                result: record.result,
-                            }
-                        }
-                        Claim::Conflict => {
-                            Counters::bump(&counters.fingerprint_conflicts);
-                            tracing::warn!(key = %key, namespace = %self.space.name, "claim with a different payload fingerprint");
-                            ClaimResult::Conflict {
-                                done: record.state == State::Done,
-                            }
-                        }
-                        _ => {
-                            Counters::bump(&counters.duplicates_pending);
-                            ClaimResult::InProgress {
-                                expires_at: record.expires_at,
-                                attempts: record.attempts,
-                            }
-                        }
-                    }));
-                }
+                found => return Ok(Acquired::Not(self.duplicate(key, &found, record))),
             };
-            // sled ids start at 0; tokens start at 1 so that 0 can mean
-            // "no claim" in a done record written without one.
             let token = next_token(&open.db)?;
             let record = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint);
             match cas(tree, &bytes, current.as_deref(), Some(record.encode()))? {
@@ -378,6 +352,35 @@ impl SledIdempotencyStore {
                 expires_at,
                 attempts,
             });
+        }
+    }
+
+    /// What a claim that found `record` reports, counted and logged.
+    fn duplicate(&self, key: &MessageId, found: &Claim, record: Option<Record>) -> ClaimResult {
+        let counters = &self.space.counters;
+        // Only `Claim::Take` comes from an absent key; the default is never used.
+        let record = record.unwrap_or_else(empty_record);
+        match found {
+            Claim::AlreadyDone => {
+                Counters::bump(&counters.duplicates_done);
+                ClaimResult::Done {
+                    result: record.result,
+                }
+            }
+            Claim::Conflict => {
+                Counters::bump(&counters.fingerprint_conflicts);
+                tracing::warn!(key = %key, namespace = %self.space.name, "claim with a different payload fingerprint");
+                ClaimResult::Conflict {
+                    done: record.state == State::Done,
+                }
+            }
+            Claim::AlreadyPending | Claim::Take { .. } => {
+                Counters::bump(&counters.duplicates_pending);
+                ClaimResult::InProgress {
+                    expires_at: record.expires_at,
+                    attempts: record.attempts,
+                }
+            }
         }
     }
 
@@ -474,12 +477,11 @@ impl SledIdempotencyStore {
         let retention = self.inner.retention;
         let wrote = self
             .leased(lease, |current, now| {
-                Ok(
-                    match machine::complete(current, lease.token, now, retention, result)? {
-                        Complete::Write(record) => Step::Put(record.encode(), true),
-                        Complete::AlreadyCompleted => Step::Keep(false),
-                    },
-                )
+                let completed = machine::complete(current, lease.token, now, retention, result);
+                Ok(match completed.map_err(|holds| lease.lost(holds))? {
+                    Complete::Write(record) => Step::Put(record.encode(), true),
+                    Complete::AlreadyCompleted => Step::Keep(false),
+                })
             })
             .await?;
         if wrote {
@@ -493,7 +495,7 @@ impl SledIdempotencyStore {
     /// still holds the lease.
     pub async fn abandon(&self, lease: &Lease) -> Result<()> {
         self.leased(lease, |current, now| {
-            machine::abandon(current, lease.token, now)?;
+            machine::abandon(current, lease.token, now).map_err(|holds| lease.lost(holds))?;
             Ok(Step::Remove(()))
         })
         .await?;
@@ -514,7 +516,8 @@ impl SledIdempotencyStore {
         let expires_at = self
             .leased(lease, |current, now| {
                 let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
-                let record = machine::extend(current, lease.token, now, expires_at)?;
+                let record = machine::extend(current, lease.token, now, expires_at)
+                    .map_err(|holds| lease.lost(holds))?;
                 Ok(Step::Put(record.encode(), expires_at))
             })
             .await?;
@@ -525,11 +528,11 @@ impl SledIdempotencyStore {
         })
     }
 
-    /// Runs a lease operation: checks the namespace, turns a lost lease into
-    /// [`Error::LeaseLost`] and counts it.
+    /// Runs a lease operation: checks the namespace, and counts and logs a
+    /// lost lease.
     async fn leased<T, F>(&self, lease: &Lease, decide: F) -> Result<T>
     where
-        F: Fn(Option<&Record>, u64) -> Result<Step<T>, LeaseStepError>,
+        F: Fn(Option<&Record>, u64) -> Result<Step<T>>,
     {
         if lease.namespace != self.space.name {
             return Err(Error::WrongNamespace {
@@ -537,19 +540,7 @@ impl SledIdempotencyStore {
                 handle: self.space.name.to_string(),
             });
         }
-        let result = self
-            .update(&lease.key, |current, now| {
-                decide(current, now).map_err(|e| match e {
-                    LeaseStepError::Lost(holds) => Error::LeaseLost {
-                        key: lease.key.to_string(),
-                        namespace: self.space.name.to_string(),
-                        token: lease.token,
-                        holds,
-                    },
-                    LeaseStepError::Other(e) => e,
-                })
-            })
-            .await;
+        let result = self.update(&lease.key, decide).await;
         if let Err(Error::LeaseLost { holds, .. }) = &result {
             Counters::bump(&self.space.counters.lease_conflicts);
             tracing::warn!(key = %lease.key, namespace = %self.space.name, token = lease.token, holds = %holds, "lease no longer held");
@@ -571,20 +562,18 @@ impl SledIdempotencyStore {
         let mut current = tree.get(key).map_err(Error::storage("reading a record"))?;
         let out = loop {
             let record = decode_at(&key, current.as_deref())?;
-            let (new, out) = match decide(record.as_ref(), self.inner.clock.now_millis())? {
+            let (swapped, out) = match decide(record.as_ref(), self.inner.clock.now_millis())? {
                 Step::Keep(out) => break out,
-                Step::Put(bytes, out) => (Some(bytes), out),
-                Step::Remove(out) => {
-                    // Before the removal lands: see `acquire`.
-                    if let Some(r) = &record {
-                        self.inner
-                            .removed_tokens
-                            .fetch_max(r.token, Ordering::SeqCst);
+                Step::Put(bytes, out) => (cas(tree, &key, current.as_deref(), Some(bytes))?, out),
+                Step::Remove(out) => match (current.as_deref(), &record) {
+                    (Some(old), Some(r)) => {
+                        let removed_tokens = &self.inner.removed_tokens;
+                        (remove(tree, &key, old, r.token, removed_tokens)?, out)
                     }
-                    (None, out)
-                }
+                    _ => break out, // nothing stored: nothing to remove
+                },
             };
-            match cas(tree, &key, current.as_deref(), new)? {
+            match swapped {
                 Ok(()) => break out,
                 Err(found) => current = found,
             }
@@ -728,24 +717,6 @@ impl SledIdempotencyStore {
     }
 }
 
-/// Why a lease step did not produce a write.
-enum LeaseStepError {
-    Lost(Holder),
-    Other(Error),
-}
-
-impl From<Holder> for LeaseStepError {
-    fn from(holder: Holder) -> Self {
-        LeaseStepError::Lost(holder)
-    }
-}
-
-impl From<Error> for LeaseStepError {
-    fn from(e: Error) -> Self {
-        LeaseStepError::Other(e)
-    }
-}
-
 fn empty_record() -> Record {
     Record {
         state: State::Pending,
@@ -859,11 +830,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Durations in whole milliseconds, saturating.
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 fn key_bytes(key: &MessageId) -> [u8; 16] {
     *key.as_uuid().as_bytes()
 }
@@ -884,6 +850,20 @@ fn decode_at(key: &[u8], value: Option<&[u8]>) -> Result<Option<Record>> {
             })
         })
         .transpose()
+}
+
+/// Removes `key` if it still holds exactly `old`, a record with fencing
+/// token `token`. Every removal goes through here: it raises
+/// `removed_tokens` before the removal lands (see `acquire`).
+pub(crate) fn remove(
+    tree: &sled::Tree,
+    key: &[u8],
+    old: &[u8],
+    token: u64,
+    removed_tokens: &AtomicU64,
+) -> Result<Result<(), Option<IVec>>> {
+    removed_tokens.fetch_max(token, Ordering::SeqCst);
+    cas(tree, key, Some(old), None)
 }
 
 /// `Ok(Ok(()))` when swapped, `Ok(Err(current))` when someone got there first.

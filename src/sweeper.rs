@@ -16,7 +16,7 @@
 
 use std::ops::AddAssign;
 use std::sync::Weak;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -28,7 +28,7 @@ use sled::IVec;
 use crate::error::{Error, Result};
 use crate::machine;
 use crate::record::Record;
-use crate::store::{Inner, cas, display_key};
+use crate::store::{Inner, display_key, remove};
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -190,8 +190,7 @@ pub(crate) fn remove_unchanged(
 ) -> Result<u64> {
     let mut removed = 0;
     for (key, value, token) in expired {
-        removed_tokens.fetch_max(*token, Ordering::SeqCst);
-        if cas(tree, key, Some(value), None)?.is_ok() {
+        if remove(tree, key, value, *token, removed_tokens)?.is_ok() {
             removed += 1;
         }
     }

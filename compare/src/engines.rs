@@ -83,11 +83,7 @@ pub struct Ours {
 
 impl Ours {
     pub fn open(durability: Durability) -> Ours {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = crate::measure::runtime();
         let dir = tempfile::tempdir().expect("tempdir");
         let store = runtime
             .block_on(
@@ -157,6 +153,17 @@ impl Engine for Ours {
     }
 }
 
+/// Opens raw sled at `path` configured as the store configures it: the
+/// store's default cache, no background flusher.
+pub fn raw_sled(path: &std::path::Path) -> sled::Db {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(sled_idempotency::DEFAULT_CACHE_CAPACITY)
+        .flush_every_ms(None)
+        .open()
+        .expect("open raw sled")
+}
+
 /// Raw sled: one compare-and-swap per claim, plus `flush()` per write when
 /// durable. The limit beneath the store.
 pub struct RawSled {
@@ -169,12 +176,7 @@ pub struct RawSled {
 impl RawSled {
     pub fn open(durable: bool) -> RawSled {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new()
-            .path(dir.path())
-            .cache_capacity(sled_idempotency::DEFAULT_CACHE_CAPACITY)
-            .flush_every_ms(None)
-            .open()
-            .expect("open raw sled");
+        let db = raw_sled(dir.path());
         let tree = db.open_tree("records").expect("tree");
         RawSled {
             _dir: dir,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use sled_idempotency::{Durability, ManualClock, MessageId, SledIdempotencyStore};
 
 use crate::Settings;
+use crate::engines::raw_sled;
 
 /// Latencies (ns) of the operations of one run and how long it lasted.
 pub struct Sample {
@@ -124,7 +125,7 @@ fn key(n: u64) -> MessageId {
     MessageId::from_uuid(uuid::Uuid::from_u128(u128::from(n)))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -236,12 +237,7 @@ async fn fill(path: &Path, clock: &ManualClock, count: u64, ttl: Duration) -> Sl
 }
 
 fn raw_fill(path: &Path, count: u64) {
-    let db = sled::Config::new()
-        .path(path)
-        .cache_capacity(sled_idempotency::DEFAULT_CACHE_CAPACITY)
-        .flush_every_ms(None)
-        .open()
-        .expect("raw sled");
+    let db = raw_sled(path);
     let tree = db.open_tree("records").expect("tree");
     for n in 0..count {
         let k = u128::from(n).to_be_bytes();
@@ -350,19 +346,11 @@ pub fn reopen_child(args: &[String]) {
         println!("{}", start.elapsed().as_nanos());
         rt.block_on(store.close()).expect("close");
     } else {
-        let open = move || {
-            let start = Instant::now();
-            let db = sled::Config::new()
-                .path(path)
-                .cache_capacity(sled_idempotency::DEFAULT_CACHE_CAPACITY)
-                .flush_every_ms(None)
-                .open()
-                .expect("raw reopen");
-            let tree = db.open_tree("records").expect("tree");
-            println!("{}", start.elapsed().as_nanos());
-            drop((tree, db));
-        };
-        open();
+        let start = Instant::now();
+        let db = raw_sled(path);
+        let tree = db.open_tree("records").expect("tree");
+        println!("{}", start.elapsed().as_nanos());
+        drop((tree, db));
     }
 }
 
