@@ -20,7 +20,8 @@ pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Small batches keep each burst of sweeping short; the sweeper then pauses
 /// as long as the batch took. Measured on 2 cores with `Durability::Sync`,
 /// claim p99 during a sweep of 1,000,000 records rose 3.2× with batches of
-/// 256 and 1.5× with 64.
+/// 256 and 1.5× with 64 (`cd compare && cargo run --release -- --only
+/// sweep`; 1.98× in the full run of `BENCHMARKS.md`).
 pub const DEFAULT_SWEEP_BATCH: usize = 64;
 /// Default largest result `complete_with` may cache: 4 KiB.
 pub const DEFAULT_MAX_RESULT_SIZE: usize = 4 * 1024;

@@ -137,7 +137,8 @@ impl SledIdempotencyStore {
         }
         // sled recovers on the calling thread: open is a one-off startup
         // step, and recovering on a fresh pool thread measured ~1.3x slower
-        // (its allocations start from an empty malloc arena). On a
+        // (its allocations start from an empty malloc arena; `cd compare &&
+        // cargo run --release -- --only space`). On a
         // multi-thread runtime `block_in_place` lets the worker's other
         // tasks move elsewhere meanwhile. A panic inside sled on a damaged
         // database becomes an error, not a crash of the caller.
