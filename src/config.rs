@@ -14,6 +14,17 @@ pub const DEFAULT_DURABILITY: Durability = Durability::Sync;
 /// Default retention of a `Done` written by `mark_done` on a key with no
 /// claim to read a ttl from: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default time an expired `Pending` stays remembered after its expiry: 24
+/// hours. Until then a takeover counts the attempt and the expired lease can
+/// still complete; after it the record is forgotten (as if absent) and the
+/// sweeper may remove it. Longer than any broker's redelivery schedule, so
+/// the attempt counter sees every redelivery of a poison message.
+pub const DEFAULT_PENDING_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default longest wait of a write for its flush, and of `close()` for the
+/// final flush: 30 seconds. Past it the call fails with
+/// [`Error::DurabilityTimeout`] and the store latches (the write's fate is
+/// unknown).
+pub const DEFAULT_DURABILITY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default period of the expiry sweeper: 60 seconds.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Default number of records the sweeper inspects before it pauses: 64.
@@ -69,6 +80,8 @@ pub struct Builder {
     pub(crate) durability: Durability,
     pub(crate) default_ttl: Duration,
     pub(crate) done_retention: Option<Duration>,
+    pub(crate) pending_retention: Duration,
+    pub(crate) durability_timeout: Duration,
     pub(crate) sweep_interval: Duration,
     pub(crate) sweep_batch: usize,
     pub(crate) cache_capacity: u64,
@@ -83,6 +96,8 @@ impl Builder {
             durability: DEFAULT_DURABILITY,
             default_ttl: DEFAULT_TTL,
             done_retention: None,
+            pending_retention: DEFAULT_PENDING_RETENTION,
+            durability_timeout: DEFAULT_DURABILITY_TIMEOUT,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             sweep_batch: DEFAULT_SWEEP_BATCH,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
@@ -111,6 +126,23 @@ impl Builder {
     #[must_use]
     pub fn done_retention(mut self, retention: Duration) -> Self {
         self.done_retention = Some(retention);
+        self
+    }
+
+    /// How long an expired `Pending` stays remembered after its expiry
+    /// (attempt counting, expired leases, fingerprints). Default
+    /// [`DEFAULT_PENDING_RETENTION`]; zero forgets an expired claim at once.
+    #[must_use]
+    pub fn pending_retention(mut self, retention: Duration) -> Self {
+        self.pending_retention = retention;
+        self
+    }
+
+    /// Longest wait of a write for its flush (and of `close` for the final
+    /// flush). Default [`DEFAULT_DURABILITY_TIMEOUT`].
+    #[must_use]
+    pub fn durability_timeout(mut self, timeout: Duration) -> Self {
+        self.durability_timeout = timeout;
         self
     }
 
@@ -168,6 +200,11 @@ impl Builder {
         if self.done_retention.is_some_and(|d| millis(d) == 0) {
             return Err(Error::InvalidConfig(
                 "done_retention must be at least 1 ms".into(),
+            ));
+        }
+        if self.durability_timeout.is_zero() {
+            return Err(Error::InvalidConfig(
+                "durability_timeout must be greater than zero".into(),
             ));
         }
         if self.sweep_interval.is_zero() {

@@ -97,6 +97,19 @@ pub enum Error {
         holds: Holder,
     },
 
+    /// `complete_with` on a lease that already completed the key with a
+    /// different result. The first result is kept.
+    #[error(
+        "the lease with token {token} already completed key {key} with a different result; \
+         the first result is kept"
+    )]
+    DifferentResult {
+        /// The key.
+        key: String,
+        /// The lease's token.
+        token: u64,
+    },
+
     /// A lease used on a handle of another namespace.
     #[error(
         "the lease belongs to namespace {lease:?}, but was used on namespace {handle:?}; \
@@ -143,10 +156,32 @@ pub enum Error {
     #[error("the store is closed; open it again to use it")]
     Closed,
 
-    /// A write was applied in memory but the flush that makes it durable
-    /// failed. The operation must be treated as not acknowledged.
-    #[error("the write could not be made durable: {0}; close the store and open it again")]
-    Durability(String),
+    /// An I/O failure (a failed flush or fdatasync, a dead flusher thread,
+    /// or a durability wait that ran out) left the durability of recent
+    /// writes unknown. The store latched: the write that met the failure
+    /// and every later call that may write fail with this error, and
+    /// `close()` returns it, until the database is reopened. Reads keep
+    /// working but may show writes that were never acknowledged.
+    #[error(
+        "an I/O failure ({cause}) may have lost writes that were not acknowledged; \
+         the store accepts no more writes: close it and open the database again"
+    )]
+    PreviousIo {
+        /// The failure that latched the store.
+        cause: String,
+    },
+
+    /// A write waited longer than the durability timeout for its flush (a
+    /// hung disk, say). Whether it became durable is unknown; the store
+    /// latched as for [`Error::PreviousIo`].
+    #[error(
+        "the write was not made durable within {waited:?} (the durability timeout) and may be \
+         lost; the store accepts no more writes: close it and open the database again"
+    )]
+    DurabilityTimeout {
+        /// How long the write waited.
+        waited: Duration,
+    },
 
     /// An operating-system I/O error.
     #[error("I/O error while {context}: {source}")]

@@ -1,4 +1,5 @@
-//! Group commit: many waiting writers, one flush.
+//! Group commit and the I/O-failure latch: many waiting writers, one flush;
+//! after any failed flush, no write is ever acknowledged again.
 //!
 //! sled's `flush()` calls do not coalesce (each caller pays for its own
 //! sync) and `flush_async` deadlocks in sled 0.34.7 with many callers, so a
@@ -11,10 +12,18 @@
 //! `durable >= next`. The flusher takes `next` and increments it under the
 //! same lock *before* flushing, so a flush numbered `e` starts after every
 //! writer that read `e` had finished its write.
+//!
+//! The latch: after a failed flush or fdatasync, Linux may have dropped the
+//! dirty pages that failed, and sled recovers only a prefix of its log, so a
+//! hole can swallow every later write. The first failure (a failed flush in
+//! any mode, a panic of the flusher thread, or a durability wait that ran
+//! out) is recorded once and for good: the flusher stops, writers still
+//! waiting fail, and every later write fails before it starts. Only a
+//! reopen, which recovers what sled recovers, clears it.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,6 +38,21 @@ pub(crate) struct Syncer {
     db: sled::Db,
     log: File,
     flushes: AtomicU64,
+    /// Test seam: faults injected into the next flush.
+    #[cfg(test)]
+    faults: Mutex<Vec<Fault>>,
+}
+
+/// A fault the unit tests inject into one flush.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fault {
+    /// The flush fails as a failed fdatasync would.
+    Fail,
+    /// The flush hangs this long first.
+    Stall(Duration),
+    /// The flusher thread panics.
+    Panic,
 }
 
 impl Syncer {
@@ -37,12 +61,28 @@ impl Syncer {
             db,
             log,
             flushes: AtomicU64::new(0),
+            #[cfg(test)]
+            faults: Mutex::new(Vec::new()),
         }
     }
 
     /// One flush of everything written so far.
     pub(crate) fn flush(&self, fdatasync: bool) -> Result<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        #[cfg(test)]
+        {
+            let fault = self.faults.lock().ok().and_then(|mut f| f.pop());
+            match fault {
+                Some(Fault::Fail) => {
+                    return Err(Error::io("fdatasync of the database log")(
+                        std::io::Error::other("injected I/O error"),
+                    ));
+                }
+                Some(Fault::Stall(d)) => std::thread::sleep(d),
+                Some(Fault::Panic) => panic!("injected panic in the flusher"),
+                None => {}
+            }
+        }
         self.db
             .flush()
             .map_err(Error::storage("flushing the database"))?;
@@ -64,11 +104,10 @@ struct Plan {
     shutdown: bool,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Progress {
     durable: u64,
-    failed: u64,
-    error: Option<Arc<str>>,
+    failed: bool,
 }
 
 #[derive(Debug)]
@@ -76,6 +115,9 @@ struct Shared {
     plan: Mutex<Plan>,
     wake: Condvar,
     dirty: AtomicBool,
+    progress: watch::Sender<Progress>,
+    /// The first I/O failure; set once, never cleared.
+    failure: OnceLock<Arc<str>>,
 }
 
 impl Shared {
@@ -84,21 +126,42 @@ impl Shared {
         // them half-updated, so a poisoned lock is still good.
         self.plan.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Latches the store: records `cause` (the first one wins) and wakes
+    /// every waiting writer.
+    fn fail(&self, cause: &str) {
+        if self.failure.set(cause.into()).is_ok() {
+            tracing::error!(
+                cause,
+                "the store accepts no more writes until the database is reopened"
+            );
+        }
+        self.progress.send_modify(|p| p.failed = true);
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.failure.get() {
+            Some(cause) => Err(Error::PreviousIo {
+                cause: cause.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
-/// Owns the flushing thread; dropping it stops the thread after one last
-/// flush.
+/// Owns the flushing thread. Dropping it stops the thread without a final
+/// flush; [`Flusher::shutdown`] flushes.
 #[derive(Debug)]
 pub(crate) struct Flusher {
     durability: Durability,
+    timeout: Duration,
     shared: Arc<Shared>,
-    progress: watch::Receiver<Progress>,
     thread: Option<JoinHandle<()>>,
     syncer: Arc<Syncer>,
 }
 
 impl Flusher {
-    pub(crate) fn start(syncer: Syncer, durability: Durability) -> Result<Self> {
+    pub(crate) fn start(syncer: Syncer, durability: Durability, timeout: Duration) -> Result<Self> {
         let shared = Arc::new(Shared {
             plan: Mutex::new(Plan {
                 next: 1,
@@ -106,53 +169,75 @@ impl Flusher {
             }),
             wake: Condvar::new(),
             dirty: AtomicBool::new(false),
+            progress: watch::channel(Progress::default()).0,
+            failure: OnceLock::new(),
         });
-        let (tx, progress) = watch::channel(Progress::default());
         let syncer = Arc::new(syncer);
         let thread = {
             let (shared, syncer) = (shared.clone(), syncer.clone());
             std::thread::Builder::new()
                 .name("sled-idempotency-flusher".into())
-                .spawn(move || match durability {
-                    Durability::Sync => group_commit(&shared, &syncer, &tx, true),
-                    Durability::Flush => group_commit(&shared, &syncer, &tx, false),
-                    Durability::Periodic(period) => periodic(&shared, &syncer, period),
+                .spawn(move || {
+                    let run = std::panic::AssertUnwindSafe(|| match durability {
+                        Durability::Sync => group_commit(&shared, &syncer, true),
+                        Durability::Flush => group_commit(&shared, &syncer, false),
+                        Durability::Periodic(period) => periodic(&shared, &syncer, period),
+                    });
+                    if std::panic::catch_unwind(run).is_err() {
+                        shared.fail("the flusher thread panicked");
+                    }
                 })
                 .map_err(Error::io("starting the flusher thread"))?
         };
         Ok(Self {
             durability,
+            timeout,
             shared,
-            progress,
             thread: Some(thread),
             syncer,
         })
     }
 
+    /// Fails with [`Error::PreviousIo`] once the store is latched. Every
+    /// operation that may write calls it before writing.
+    pub(crate) fn check(&self) -> Result<()> {
+        self.shared.check()
+    }
+
     /// Returns once the write that just completed is as durable as the
-    /// configured [`Durability`] promises.
+    /// configured [`Durability`] promises. Fails, and latches the store,
+    /// when that cannot be had: the flush failed, or it did not finish
+    /// within the durability timeout (the write's fate is then unknown).
     pub(crate) async fn write_completed(&self) -> Result<()> {
+        self.check()?;
         if let Durability::Periodic(_) = self.durability {
             self.shared.dirty.store(true, Ordering::Release);
             return Ok(());
         }
+        let mut progress = self.shared.progress.subscribe();
         let epoch = {
             let mut plan = self.shared.plan();
             plan.wanted = plan.wanted.max(plan.next);
             self.shared.wake.notify_one();
             plan.next
         };
-        let mut progress = self.progress.clone();
-        let seen = progress
-            .wait_for(|p| p.durable >= epoch || p.failed >= epoch)
-            .await
-            .map_err(|_| Error::Closed)?;
-        if seen.durable >= epoch {
-            Ok(())
-        } else {
-            let why = seen.error.as_deref().unwrap_or("unknown error").to_owned();
-            Err(Error::Durability(why))
-        }
+        let wait = progress.wait_for(|p| p.durable >= epoch || p.failed);
+        let durable = match tokio::time::timeout(self.timeout, wait).await {
+            // The sender lives in `shared`, which outlives this call.
+            Ok(seen) => seen.map(|p| p.durable >= epoch).unwrap_or(false),
+            Err(_) => {
+                self.shared.fail(&format!(
+                    "a flush did not finish within the durability timeout of {:?}",
+                    self.timeout
+                ));
+                return Err(Error::DurabilityTimeout {
+                    waited: self.timeout,
+                });
+            }
+        };
+        // A write covered by a flush that succeeded before the failure is
+        // durable; any other is not acknowledged.
+        if durable { Ok(()) } else { self.check() }
     }
 
     /// Flushes run so far (group commits, periodic flushes, final flushes).
@@ -160,31 +245,43 @@ impl Flusher {
         self.syncer.flushes.load(Ordering::Relaxed)
     }
 
+    /// Test seam: the next flush meets `fault`.
+    #[cfg(test)]
+    pub(crate) fn inject(&self, fault: Fault) {
+        if let Ok(mut faults) = self.syncer.faults.lock() {
+            faults.push(fault);
+        }
+    }
+
     /// Stops the thread and makes everything written so far durable
-    /// (flush and fdatasync), whatever the mode. Blocking.
+    /// (flush and fdatasync), whatever the mode. Blocking. A latched store
+    /// is not flushed again: it reports the failure that latched it.
     pub(crate) fn shutdown(&mut self) -> Result<()> {
+        self.stop();
+        self.check()?;
+        if let Err(e) = self.syncer.flush(true) {
+            self.shared.fail(&e.to_string());
+        }
+        self.check()
+    }
+
+    fn stop(&mut self) {
         self.shared.plan().shutdown = true;
         self.shared.wake.notify_all();
         if let Some(thread) = self.thread.take() {
-            // The thread body does not panic; if it somehow did, the final
-            // flush below still runs.
+            // A panic of the thread body was caught and latched already.
             let _ = thread.join();
         }
-        self.syncer.flush(true)
     }
 }
 
 impl Drop for Flusher {
     fn drop(&mut self) {
-        if self.thread.is_some()
-            && let Err(e) = self.shutdown()
-        {
-            tracing::error!(error = %e, "final flush on drop failed");
-        }
+        self.stop();
     }
 }
 
-fn group_commit(shared: &Shared, syncer: &Syncer, tx: &watch::Sender<Progress>, fdatasync: bool) {
+fn group_commit(shared: &Shared, syncer: &Syncer, fdatasync: bool) {
     loop {
         let epoch = {
             let mut plan = shared.plan();
@@ -200,15 +297,10 @@ fn group_commit(shared: &Shared, syncer: &Syncer, tx: &watch::Sender<Progress>, 
             plan.next += 1;
             plan.next - 1
         };
-        let result = syncer.flush(fdatasync);
-        tx.send_modify(|p| match result {
-            Ok(()) => p.durable = epoch,
-            Err(e) => {
-                tracing::error!(error = %e, "group commit flush failed");
-                p.failed = epoch;
-                p.error = Some(e.to_string().into());
-            }
-        });
+        match syncer.flush(fdatasync) {
+            Ok(()) => shared.progress.send_modify(|p| p.durable = epoch),
+            Err(e) => return shared.fail(&e.to_string()),
+        }
     }
 }
 
@@ -223,7 +315,7 @@ fn periodic(shared: &Shared, syncer: &Syncer, period: Duration) {
         if shared.dirty.swap(false, Ordering::AcqRel) {
             drop(plan);
             if let Err(e) = syncer.flush(true) {
-                tracing::error!(error = %e, "periodic flush failed");
+                return shared.fail(&e.to_string());
             }
             plan = shared.plan();
         }

@@ -7,6 +7,8 @@ mod clock;
 mod config;
 mod error;
 mod flusher;
+#[cfg(test)]
+mod latch_tests;
 mod lease;
 pub mod machine;
 mod record;
@@ -17,8 +19,9 @@ mod sweeper;
 pub use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    Builder, DEFAULT_CACHE_CAPACITY, DEFAULT_DURABILITY, DEFAULT_MAX_RESULT_SIZE,
-    DEFAULT_SWEEP_BATCH, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability,
+    Builder, DEFAULT_CACHE_CAPACITY, DEFAULT_DURABILITY, DEFAULT_DURABILITY_TIMEOUT,
+    DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_SWEEP_BATCH,
+    DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability,
 };
 pub use error::{Error, Result};
 pub use lease::{ClaimResult, Lease};

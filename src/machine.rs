@@ -4,15 +4,24 @@
 //! loop; the tests' reference model runs the very same functions, so the
 //! table of SPEC §2 lives in exactly one place:
 //!
-//! | operation | absent or expired `Done` | `Pending` (live or expired, not re-claimed) | live `Done` |
+//! One rule decides what an operation sees, and it does not depend on when
+//! the sweeper runs: a record is **remembered** while it is live, and an
+//! expired `Pending` stays remembered for [`Retention::pending_ms`] after its
+//! expiry (so the attempt counter and lease checks survive redeliveries);
+//! anything else is **forgotten** and every operation treats it exactly as
+//! an absent key. The sweeper removes only forgotten records
+//! ([`sweepable`]), so removing one never changes an outcome.
+//!
+//! | operation | absent or forgotten | remembered `Pending` (live or expired, not re-claimed) | live `Done` |
 //! |---|---|---|---|
 //! | claim | write `Pending` → `Claimed` | live: `AlreadyPending`; expired: take over, `attempts + 1` → `Claimed` | `AlreadyDone` |
 //! | done | write `Done` (late completion) | write `Done` | no write |
 //! | release | no write | remove | no write |
 //!
 //! The lease operations (`complete`, `abandon`, `extend`) act only while the
-//! record is the `Pending` written by the lease's claim (same token), live or
-//! expired; otherwise they report what the record holds now.
+//! record is the remembered `Pending` written by the lease's claim (same
+//! token), live or expired; otherwise they report what the record holds
+//! now.
 
 use std::fmt;
 
@@ -37,8 +46,13 @@ pub enum Claim {
 
 /// What a claim does to `current` at time `now`. A `fingerprint` is compared
 /// with the live record's when both have one.
-pub fn claim(current: Option<&Record>, now: u64, fingerprint: Option<&[u8]>) -> Claim {
-    match current {
+pub fn claim(
+    current: Option<&Record>,
+    now: u64,
+    rules: Retention,
+    fingerprint: Option<&[u8]>,
+) -> Claim {
+    match rules.remembered(current, now) {
         None => Claim::Take { attempts: 1 },
         Some(r) if r.is_live(now) => {
             if let (Some(given), Some(stored)) = (fingerprint, r.fingerprint.as_deref())
@@ -51,12 +65,11 @@ pub fn claim(current: Option<&Record>, now: u64, fingerprint: Option<&[u8]>) -> 
                 State::Done => Claim::AlreadyDone,
             }
         }
-        // An expired pending claim is a handler that never finished: count it.
-        Some(r) if r.state == State::Pending => Claim::Take {
+        // A remembered expired claim is a handler that never finished:
+        // count it. (An expired done record is forgotten: `None` above.)
+        Some(r) => Claim::Take {
             attempts: r.attempts.saturating_add(1),
         },
-        // An expired done record is gone for every purpose.
-        Some(_) => Claim::Take { attempts: 1 },
     }
 }
 
@@ -94,16 +107,28 @@ pub enum Done {
     },
 }
 
-/// Retention settings for `Done` records, in milliseconds.
+/// How long records are remembered, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     /// The builder's separate done retention, if set.
     pub done_ms: Option<u64>,
     /// Retention when there is no claim to read a ttl from.
     pub default_ttl_ms: u64,
+    /// How long an expired `Pending` stays remembered after its expiry.
+    pub pending_ms: u64,
 }
 
 impl Retention {
+    /// `current` as every operation sees it at `now`: `None` when the key
+    /// is absent or its record is forgotten (an expired `Done`, or a
+    /// `Pending` more than `pending_ms` past its expiry).
+    pub fn remembered<'a>(&self, current: Option<&'a Record>, now: u64) -> Option<&'a Record> {
+        current.filter(|r| match r.state {
+            State::Done => r.is_live(now),
+            State::Pending => now < r.expires_at.saturating_add(self.pending_ms),
+        })
+    }
+
     fn done_record(&self, claimed: &Record, now: u64, result: Option<&[u8]>) -> Record {
         Record {
             state: State::Done,
@@ -119,13 +144,13 @@ impl Retention {
 
 /// What `mark_done` does to `current` at time `now`.
 pub fn done(current: Option<&Record>, now: u64, retention: Retention) -> Done {
-    match current {
+    match retention.remembered(current, now) {
         Some(r) if r.state == State::Pending => Done::Write {
             record: retention.done_record(r, now, None),
             late: false,
         },
-        Some(r) if r.is_live(now) => Done::AlreadyDone,
-        _ => {
+        Some(_) => Done::AlreadyDone,
+        None => {
             let unclaimed = Record {
                 state: State::Done,
                 expires_at: 0,
@@ -152,11 +177,11 @@ pub enum Release {
     Keep,
 }
 
-/// What `release` does to `current`. Time does not matter: a pending claim
+/// What `release` does to `current` at `now`: a remembered pending claim
 /// nobody re-claimed is released whether or not it has expired, and a done
 /// record is never erased.
-pub fn release(current: Option<&Record>) -> Release {
-    match current {
+pub fn release(current: Option<&Record>, now: u64, rules: Retention) -> Release {
+    match rules.remembered(current, now) {
         Some(r) if r.state == State::Pending => Release::Remove,
         _ => Release::Keep,
     }
@@ -186,13 +211,12 @@ pub enum Holder {
 }
 
 impl Holder {
-    /// Describes `current` at `now`. An expired done record is reported as
-    /// nothing, as it behaves; an expired claim is reported as the claim it
-    /// still is until someone takes over.
-    pub fn of(current: Option<&Record>, now: u64) -> Holder {
-        match current {
+    /// Describes `current` at `now`. A forgotten record is reported as
+    /// nothing, as it behaves; a remembered expired claim is reported as the
+    /// claim it still is until someone takes over.
+    pub fn of(current: Option<&Record>, now: u64, rules: Retention) -> Holder {
+        match rules.remembered(current, now) {
             None => Holder::Nothing,
-            Some(r) if r.state == State::Done && !r.is_live(now) => Holder::Nothing,
             Some(r) => match r.state {
                 State::Pending => Holder::Claim {
                     token: r.token,
@@ -228,11 +252,17 @@ impl fmt::Display for Holder {
     }
 }
 
-/// The `Pending` record of lease `token`, or what holds the key instead.
-fn held(current: Option<&Record>, token: u64, now: u64) -> Result<&Record, Holder> {
-    match current {
+/// The remembered `Pending` record of lease `token`, or what holds the key
+/// instead.
+fn held(
+    current: Option<&Record>,
+    token: u64,
+    now: u64,
+    rules: Retention,
+) -> Result<&Record, Holder> {
+    match rules.remembered(current, now) {
         Some(r) if r.state == State::Pending && r.token == token => Ok(r),
-        other => Err(Holder::of(other, now)),
+        _ => Err(Holder::of(current, now, rules)),
     }
 }
 
@@ -241,8 +271,12 @@ fn held(current: Option<&Record>, token: u64, now: u64) -> Result<&Record, Holde
 pub enum Complete {
     /// Write this `Done` record.
     Write(Record),
-    /// This lease already completed the key: nothing to write.
+    /// This lease already completed the key with the same result (or the
+    /// call gives none): nothing to write.
     AlreadyCompleted,
+    /// This lease already completed the key with a different result: the
+    /// first result stays, and the call is refused.
+    DifferentResult,
 }
 
 /// What completing lease `token` does to `current`.
@@ -255,17 +289,25 @@ pub fn complete(
 ) -> Result<Complete, Holder> {
     match current {
         Some(r) if r.state == State::Done && r.token == token && r.is_live(now) => {
-            Ok(Complete::AlreadyCompleted)
+            Ok(match result {
+                Some(given) if r.result.as_deref() != Some(given) => Complete::DifferentResult,
+                _ => Complete::AlreadyCompleted,
+            })
         }
-        _ => held(current, token, now)
+        _ => held(current, token, now, retention)
             .map(|r| Complete::Write(retention.done_record(r, now, result))),
     }
 }
 
 /// Whether abandoning lease `token` removes `current` (`Ok`), or what holds
 /// the key instead.
-pub fn abandon(current: Option<&Record>, token: u64, now: u64) -> Result<(), Holder> {
-    held(current, token, now).map(|_| ())
+pub fn abandon(
+    current: Option<&Record>,
+    token: u64,
+    now: u64,
+    rules: Retention,
+) -> Result<(), Holder> {
+    held(current, token, now, rules).map(|_| ())
 }
 
 /// The record after extending lease `token` to `expires_at` at `now`.
@@ -273,15 +315,17 @@ pub fn extend(
     current: Option<&Record>,
     token: u64,
     now: u64,
+    rules: Retention,
     expires_at: u64,
 ) -> Result<Record, Holder> {
-    held(current, token, now).map(|r| Record {
+    held(current, token, now, rules).map(|r| Record {
         expires_at,
         ..r.clone()
     })
 }
 
-/// Whether the sweeper may remove `record` at `now`.
-pub fn sweepable(record: &Record, now: u64) -> bool {
-    !record.is_live(now)
+/// Whether the sweeper may remove `record` at `now`: only a forgotten
+/// record, which every operation already treats as absent.
+pub fn sweepable(record: &Record, now: u64, rules: Retention) -> bool {
+    rules.remembered(Some(record), now).is_none()
 }

@@ -3,9 +3,9 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
@@ -76,7 +76,11 @@ impl Space {
 #[derive(Debug)]
 pub(crate) struct Inner {
     path: PathBuf,
-    state: RwLock<Option<Open>>,
+    /// `path`, canonical: the key under which a drop releases the database.
+    canonical: PathBuf,
+    /// Shared with operations running on blocking threads (scans, sweeps,
+    /// the release after a drop), which hold an owned guard.
+    state: Arc<RwLock<Option<Open>>>,
     /// Parallel to `Open::trees`; grows only, under the state write lock.
     spaces: Mutex<Vec<Arc<Space>>>,
     clock: Arc<dyn Clock>,
@@ -85,9 +89,42 @@ pub(crate) struct Inner {
     sweep_batch: usize,
     /// Highest token of any record removed (released, abandoned, swept)
     /// since open; see `acquire` for why.
-    removed_tokens: AtomicU64,
+    removed_tokens: Arc<AtomicU64>,
+    durability_timeout: Duration,
     stop: watch::Sender<bool>,
     sweeper: Mutex<Option<JoinHandle<()>>>,
+    /// Set by the first `close`; later calls wait for its outcome.
+    closing: AtomicBool,
+    closed: watch::Sender<Option<Closed>>,
+}
+
+/// How a `close` ended, kept for every other `close` call.
+#[derive(Debug, Clone)]
+enum Closed {
+    Ok,
+    Failed(String),
+    TimedOut(Duration),
+}
+
+impl Closed {
+    fn of(result: &Result<()>) -> Closed {
+        match result {
+            Ok(()) => Closed::Ok,
+            Err(Error::DurabilityTimeout { waited }) => Closed::TimedOut(*waited),
+            Err(Error::PreviousIo { cause }) => Closed::Failed(cause.clone()),
+            Err(other) => Closed::Failed(other.to_string()),
+        }
+    }
+
+    fn result(&self) -> Result<()> {
+        match self {
+            Closed::Ok => Ok(()),
+            Closed::Failed(cause) => Err(Error::PreviousIo {
+                cause: cause.clone(),
+            }),
+            Closed::TimedOut(waited) => Err(Error::DurabilityTimeout { waited: *waited }),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -143,6 +180,9 @@ impl SledIdempotencyStore {
         // tasks move elsewhere meanwhile. A panic inside sled on a damaged
         // database becomes an error, not a crash of the caller.
         let recover = || {
+            // A database whose last handle was just dropped in this process
+            // is still being flushed and released on a background thread.
+            wait_until_released(&b.path, b.durability_timeout + LOCK_RELEASE_WAIT);
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 open_db(&b.path, b.cache_capacity)
             }))
@@ -160,7 +200,11 @@ impl SledIdempotencyStore {
                 });
             }
         };
-        let flusher = Flusher::start(Syncer::new(db.clone(), log), b.durability)?;
+        let flusher = Flusher::start(
+            Syncer::new(db.clone(), log),
+            b.durability,
+            b.durability_timeout,
+        )?;
         let spaces: Vec<Arc<Space>> = names
             .iter()
             .enumerate()
@@ -169,19 +213,24 @@ impl SledIdempotencyStore {
         let default = spaces[0].clone();
         let (stop, stop_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
+            canonical: canonical(&b.path),
             path: b.path,
-            state: RwLock::new(Some(Open { db, trees, flusher })),
+            state: Arc::new(RwLock::new(Some(Open { db, trees, flusher }))),
             spaces: Mutex::new(spaces),
             clock: b.clock,
             retention: Retention {
                 done_ms: b.done_retention.map(millis),
                 default_ttl_ms: millis(b.default_ttl),
+                pending_ms: millis(b.pending_retention),
             },
             max_result_size: b.max_result_size,
             sweep_batch: b.sweep_batch,
-            removed_tokens: AtomicU64::new(0),
+            removed_tokens: Arc::new(AtomicU64::new(0)),
+            durability_timeout: b.durability_timeout,
             stop,
             sweeper: Mutex::new(None),
+            closing: AtomicBool::new(false),
+            closed: watch::channel(None).0,
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
         *lock(&inner.sweeper) = Some(task);
@@ -209,6 +258,9 @@ impl SledIdempotencyStore {
     /// Names are 1 to 64 ASCII letters, digits, `-`, `_` or `.`.
     pub async fn namespace(&self, name: &str) -> Result<SledIdempotencyStore> {
         validate_namespace(name)?;
+        if self.inner.closing.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         if let Some(space) = self.inner.find_space(name) {
             return Ok(self.with_space(space));
         }
@@ -309,6 +361,7 @@ impl SledIdempotencyStore {
         }
         let guard = self.inner.state.read().await;
         let open = guard.as_ref().ok_or(Error::Closed)?;
+        open.flusher.check()?;
         let tree = self.tree(open)?;
         let counters = &self.space.counters;
         let bytes = key_bytes(key);
@@ -318,7 +371,8 @@ impl SledIdempotencyStore {
             let now = self.inner.clock.now_millis();
             let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
             let record = decode_at(&bytes, current.as_deref())?;
-            let attempts = match machine::claim(record.as_ref(), now, fingerprint) {
+            let rules = self.inner.retention;
+            let attempts = match machine::claim(record.as_ref(), now, rules, fingerprint) {
                 Claim::Take { attempts } => attempts,
                 found => return Ok(Acquired::Not(self.duplicate(key, &found, record))),
             };
@@ -441,8 +495,8 @@ impl SledIdempotencyStore {
     /// never erased.
     pub async fn release(&self, key: &MessageId) -> Result<()> {
         let removed = self
-            .update(key, |current, _| {
-                Ok(match machine::release(current) {
+            .update(key, |current, now| {
+                Ok(match machine::release(current, now, self.inner.retention) {
                     Release::Remove => Step::Remove(true),
                     Release::Keep => Step::Keep(false),
                 })
@@ -482,6 +536,12 @@ impl SledIdempotencyStore {
                 Ok(match completed.map_err(|holds| lease.lost(holds))? {
                     Complete::Write(record) => Step::Put(record.encode(), true),
                     Complete::AlreadyCompleted => Step::Keep(false),
+                    Complete::DifferentResult => {
+                        return Err(Error::DifferentResult {
+                            key: lease.key.to_string(),
+                            token: lease.token,
+                        });
+                    }
                 })
             })
             .await?;
@@ -496,7 +556,8 @@ impl SledIdempotencyStore {
     /// still holds the lease.
     pub async fn abandon(&self, lease: &Lease) -> Result<()> {
         self.leased(lease, |current, now| {
-            machine::abandon(current, lease.token, now).map_err(|holds| lease.lost(holds))?;
+            machine::abandon(current, lease.token, now, self.inner.retention)
+                .map_err(|holds| lease.lost(holds))?;
             Ok(Step::Remove(()))
         })
         .await?;
@@ -517,7 +578,8 @@ impl SledIdempotencyStore {
         let expires_at = self
             .leased(lease, |current, now| {
                 let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
-                let record = machine::extend(current, lease.token, now, expires_at)
+                let rules = self.inner.retention;
+                let record = machine::extend(current, lease.token, now, rules, expires_at)
                     .map_err(|holds| lease.lost(holds))?;
                 Ok(Step::Put(record.encode(), expires_at))
             })
@@ -558,6 +620,7 @@ impl SledIdempotencyStore {
     {
         let guard = self.inner.state.read().await;
         let open = guard.as_ref().ok_or(Error::Closed)?;
+        open.flusher.check()?;
         let tree = self.tree(open)?;
         let key = key_bytes(key);
         let mut current = tree.get(key).map_err(Error::storage("reading a record"))?;
@@ -597,8 +660,10 @@ impl SledIdempotencyStore {
     }
 
     /// The record stored for `key`, live or expired, as it is on disk. An
-    /// expired record behaves as absent for every operation; this shows it
-    /// until the sweeper removes it. Never waits for a flush.
+    /// expired `Pending` is remembered for the builder's
+    /// `pending_retention` after its expiry; past that, and for an expired
+    /// `Done`, every operation treats the record as absent, and this shows
+    /// it until the sweeper removes it. Never waits for a flush.
     pub async fn get_record(&self, key: &MessageId) -> Result<Option<Record>> {
         let guard = self.inner.state.read().await;
         let open = guard.as_ref().ok_or(Error::Closed)?;
@@ -610,81 +675,102 @@ impl SledIdempotencyStore {
         decode_at(&key, value.as_deref())
     }
 
+    /// Runs `job` on a blocking thread with this namespace's tree, so that
+    /// a scan never holds up an async worker thread.
+    async fn scan<T, F>(&self, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Open, &sled::Tree) -> Result<T> + Send + 'static,
+    {
+        let guard = self.inner.state.clone().read_owned().await;
+        let index = self.space.index;
+        blocking(move || {
+            let open = guard.as_ref().ok_or(Error::Closed)?;
+            job(open, open.trees.get(index).ok_or(Error::Closed)?)
+        })
+        .await
+    }
+
     /// Up to `limit` live records of this namespace in key order (UUIDv7 ids
     /// sort by time), starting after `after`, optionally only those in
     /// `state`. Page through with the last key returned. Corrupted values
-    /// are skipped (and logged).
+    /// are skipped (and logged). The scan runs on a blocking thread; it
+    /// reads records until the page is full, so a page of a rare state
+    /// reads every record between two matches.
     pub async fn list(
         &self,
         state: Option<State>,
         after: Option<&MessageId>,
         limit: usize,
     ) -> Result<Vec<(MessageId, Record)>> {
-        let guard = self.inner.state.read().await;
-        let open = guard.as_ref().ok_or(Error::Closed)?;
         let now = self.inner.clock.now_millis();
         let start = after.map(|k| {
             let mut next = key_bytes(k).to_vec();
             next.push(0);
             next
         });
-        let mut out = Vec::new();
-        for entry in self.tree(open)?.range(start.unwrap_or_default()..) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = entry.map_err(Error::storage("listing records"))?;
-            let Ok(uuid) = uuid::Uuid::from_slice(&key) else {
-                continue;
-            };
-            match Record::decode(&value) {
-                Ok(r) if r.is_live(now) && state.is_none_or(|s| s == r.state) => {
-                    out.push((MessageId::from_uuid(uuid), r));
+        self.scan(move |_, tree| {
+            let mut out = Vec::new();
+            for entry in tree.range(start.unwrap_or_default()..) {
+                if out.len() >= limit {
+                    break;
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(key = %uuid, error = %e, "listing skipped a corrupted record");
+                let (key, value) = entry.map_err(Error::storage("listing records"))?;
+                let Ok(uuid) = uuid::Uuid::from_slice(&key) else {
+                    continue;
+                };
+                match Record::decode(&value) {
+                    Ok(r) if r.is_live(now) && state.is_none_or(|s| s == r.state) => {
+                        out.push((MessageId::from_uuid(uuid), r));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(key = %uuid, error = %e, "listing skipped a corrupted record");
+                    }
                 }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     /// Counters of this namespace since open, and its live records now. The
-    /// live counts come from a scan of the namespace: cost grows with its
-    /// size.
+    /// live counts come from a scan of the namespace on a blocking thread:
+    /// cost grows with its size.
     pub async fn stats(&self) -> Result<Stats> {
-        let guard = self.inner.state.read().await;
-        let open = guard.as_ref().ok_or(Error::Closed)?;
         let now = self.inner.clock.now_millis();
         let mut stats = self.space.counters.snapshot();
-        stats.flushes = open.flusher.flushes();
-        for entry in self.tree(open)?.iter() {
-            let (_, value) = entry.map_err(Error::storage("counting records"))?;
-            match Record::decode(&value) {
-                Ok(r) if r.is_live(now) && r.state == State::Pending => stats.live_pending += 1,
-                Ok(r) if r.is_live(now) => stats.live_done += 1,
-                _ => {}
+        self.scan(move |open, tree| {
+            stats.flushes = open.flusher.flushes();
+            for entry in tree.iter() {
+                let (_, value) = entry.map_err(Error::storage("counting records"))?;
+                match Record::decode(&value) {
+                    Ok(r) if r.is_live(now) && r.state == State::Pending => stats.live_pending += 1,
+                    Ok(r) if r.is_live(now) => stats.live_done += 1,
+                    _ => {}
+                }
             }
-        }
-        Ok(stats)
+            Ok(stats)
+        })
+        .await
     }
 
-    /// Removes every expired record of every namespace now, in batches, and
-    /// reports what it did. The background sweeper runs the same code
-    /// periodically.
+    /// Removes every forgotten record (an expired `Done`, or a `Pending`
+    /// past its expiry plus `pending_retention`) of every namespace now, in
+    /// batches, and reports what it did. The background sweeper runs the
+    /// same code periodically. Removing a forgotten record never changes
+    /// the outcome of any operation.
     pub async fn sweep_expired(&self) -> Result<SweepReport> {
         let mut total = SweepReport::default();
         let mut index = 0;
         while let Some(space) = self.inner.space_at(index) {
             let mut cursor = sweeper::Cursor::default();
             loop {
-                let (report, more, took) = self.inner.sweep_batch(&space, &mut cursor).await?;
-                total += report;
-                if !more {
-                    break;
-                }
-                sweeper::pace(took).await;
+                let batch = self.inner.sweep_batch(space.clone(), cursor).await?;
+                total += batch.report;
+                let Some(next) = batch.next else { break };
+                cursor = next;
+                sweeper::pace(batch.took).await;
             }
             index += 1;
         }
@@ -693,29 +779,46 @@ impl SledIdempotencyStore {
 
     /// Stops the sweeper, makes every write durable (flush and fdatasync,
     /// whatever the durability mode) and releases the database lock, for
-    /// every namespace handle. Every later call returns [`Error::Closed`];
-    /// closing twice is a no-op.
+    /// every namespace handle. Every later call returns [`Error::Closed`].
+    ///
+    /// Any number of calls, concurrent or not, on any handles, each return
+    /// only once the database is durable and its lock released, all with
+    /// the same outcome; a reopen right after any of them succeeds. The
+    /// close runs on its own task, so dropping this future does not leave
+    /// it half done. A latched store ([`Error::PreviousIo`]) still stops and
+    /// releases the lock, and returns the failure. The final flush is bounded
+    /// by the durability timeout ([`Error::DurabilityTimeout`]).
     pub async fn close(&self) -> Result<()> {
-        let _ = self.inner.stop.send(true);
-        let task = lock(&self.inner.sweeper).take();
-        if let Some(task) = task {
-            // The task only ever returns; a join error would mean it was
-            // cancelled with its runtime, which leaves nothing to wait for.
-            let _ = task.await;
+        let mut closed = self.inner.closed.subscribe();
+        if !self.inner.closing.swap(true, Ordering::SeqCst) {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let result = inner.shut_down().await;
+                inner.closed.send_replace(Some(Closed::of(&result)));
+            });
         }
-        let Some(mut open) = self.inner.state.write().await.take() else {
-            return Ok(());
-        };
-        let path = self.inner.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let flushed = open.flusher.shutdown();
-            drop(open);
-            wait_for_lock_release(&path);
-            flushed
-        })
-        .await
-        .map_err(|e| Error::Durability(format!("the final flush did not finish: {e}")))?
+        // The sender lives in `inner`, which this handle keeps alive.
+        let outcome = closed
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::Closed)?
+            .clone();
+        outcome.map_or(Ok(()), |closed| closed.result())
     }
+}
+
+/// Runs `job` on tokio's blocking pool.
+async fn blocking<T, F>(job: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| Error::Storage {
+            context: "running a scan on a blocking thread",
+            source: sled::Error::ReportableBug(e.to_string()),
+        })?
 }
 
 fn empty_record() -> Record {
@@ -731,14 +834,35 @@ fn empty_record() -> Record {
 }
 
 impl Drop for Inner {
-    /// Dropping the last handle without `close`: stop the flusher after a
-    /// final flush, drop sled, and wait (bounded) until sled's background
-    /// threads let go of the directory lock, so the database can be opened
-    /// again right away.
+    /// Dropping the last handle without `close`: stop the sweeper, and on a
+    /// background thread (never the dropping thread, often a tokio worker)
+    /// stop the flusher after a final flush, drop sled and wait (bounded)
+    /// until sled's threads let go of the directory lock. An `open` of the
+    /// same directory in this process waits for that release.
     fn drop(&mut self) {
-        if let Some(open) = self.state.get_mut().take() {
-            drop(open); // the flusher's Drop does the final flush
-            wait_for_lock_release(&self.path);
+        if self.closing.load(Ordering::SeqCst) {
+            return; // `close` released it
+        }
+        let _ = self.stop.send(true);
+        let state = self.state.clone();
+        let (path, key) = (self.path.clone(), self.canonical.clone());
+        releasing(&key, true);
+        let release = move || {
+            if let Some(mut open) = state.blocking_write().take() {
+                if let Err(e) = open.flusher.shutdown() {
+                    tracing::error!(error = %e, "final flush after the last handle was dropped failed");
+                }
+                drop(open);
+                wait_for_lock_release(&path);
+            }
+            releasing(&key, false);
+        };
+        let spawned = std::thread::Builder::new()
+            .name("sled-idempotency-release".into())
+            .spawn(release);
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the thread that releases a dropped store");
+            releasing(&self.canonical, false);
         }
     }
 }
@@ -755,49 +879,92 @@ impl Inner {
         lock(&self.spaces).get(index).cloned()
     }
 
-    /// Sweeps up to `sweep_batch` records of `space` from `cursor` on and
-    /// moves the cursor. Returns what it did, whether the namespace has
-    /// more to sweep, and how long the batch took.
-    pub(crate) async fn sweep_batch(
-        &self,
-        space: &Space,
-        cursor: &mut sweeper::Cursor,
-    ) -> Result<(SweepReport, bool, Duration)> {
-        let guard = self.state.read().await;
-        let started = std::time::Instant::now();
-        let open = guard.as_ref().ok_or(Error::Closed)?;
-        let tree = open.trees.get(space.index).ok_or(Error::Closed)?;
-        if cursor.end.is_none() {
-            // First batch: fix the end of this sweep at the current last key.
-            match tree
-                .last()
-                .map_err(Error::storage("finding the last record"))?
-            {
-                Some((last, _)) => cursor.end = Some(last.to_vec()),
-                None => return Ok((SweepReport::default(), false, started.elapsed())),
-            }
+    /// Stops the sweeper, waits for the operations in flight, flushes and
+    /// releases the lock: the body of `close`.
+    async fn shut_down(&self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let task = lock(&self.sweeper).take();
+        if let Some(task) = task {
+            // The task only ever returns; a join error would mean it was
+            // cancelled with its runtime, which leaves nothing to wait for.
+            let _ = task.await;
         }
-        let scan = sweeper::scan(
-            tree,
-            &cursor.from,
-            cursor.end.as_deref(),
-            self.sweep_batch,
-            self.clock.now_millis(),
-        )?;
-        let mut report = scan.report;
-        report.removed = sweeper::remove_unchanged(tree, &scan.expired, &self.removed_tokens)?;
-        space
-            .counters
-            .swept
-            .fetch_add(report.removed, Ordering::Relaxed);
-        let more = match scan.next {
-            Some(next) => {
-                cursor.from = next;
-                true
-            }
-            None => false,
+        let Some(mut open) = self.state.write().await.take() else {
+            return Ok(());
         };
-        Ok((report, more, started.elapsed()))
+        let path = self.path.clone();
+        let release = tokio::task::spawn_blocking(move || {
+            let flushed = open.flusher.shutdown();
+            drop(open);
+            wait_for_lock_release(&path);
+            flushed
+        });
+        match tokio::time::timeout(self.durability_timeout + LOCK_RELEASE_WAIT, release).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(Error::PreviousIo {
+                cause: format!("the final flush panicked: {e}"),
+            }),
+            Err(_) => Err(Error::DurabilityTimeout {
+                waited: self.durability_timeout,
+            }),
+        }
+    }
+
+    /// One batch of a sweep of `space` from `cursor` on, as a future that
+    /// holds no reference to the store (the background sweeper awaits it
+    /// after letting go of its `Arc`). The scan and the removals run on a
+    /// blocking thread. A latched store sweeps nothing.
+    pub(crate) fn sweep_batch(
+        &self,
+        space: Arc<Space>,
+        mut cursor: sweeper::Cursor,
+    ) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
+        let (state, clock) = (self.state.clone(), self.clock.clone());
+        let (rules, size, removed_tokens) = (
+            self.retention,
+            self.sweep_batch,
+            self.removed_tokens.clone(),
+        );
+        async move {
+            let guard = state.read_owned().await;
+            blocking(move || {
+                let started = Instant::now();
+                let open = guard.as_ref().ok_or(Error::Closed)?;
+                open.flusher.check()?;
+                let tree = open.trees.get(space.index).ok_or(Error::Closed)?;
+                let done = |report| sweeper::Batch {
+                    report,
+                    next: None,
+                    took: started.elapsed(),
+                };
+                if cursor.end.is_none() {
+                    // First batch: fix the end of this sweep at the current last key.
+                    match tree
+                        .last()
+                        .map_err(Error::storage("finding the last record"))?
+                    {
+                        Some((last, _)) => cursor.end = Some(last.to_vec()),
+                        None => return Ok(done(SweepReport::default())),
+                    }
+                }
+                let now = clock.now_millis();
+                let scan =
+                    sweeper::scan(tree, &cursor.from, cursor.end.as_deref(), size, now, rules)?;
+                let mut report = scan.report;
+                report.removed = sweeper::remove_unchanged(tree, &scan.expired, &removed_tokens)?;
+                space
+                    .counters
+                    .swept
+                    .fetch_add(report.removed, Ordering::Relaxed);
+                let mut batch = done(report);
+                batch.next = scan.next.map(|from| sweeper::Cursor {
+                    from,
+                    end: cursor.end,
+                });
+                Ok(batch)
+            })
+            .await
+        }
     }
 }
 
@@ -914,6 +1081,44 @@ fn namespace_tree(name: &str) -> String {
 /// the directory lock.
 const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
+/// Databases of this process whose last handle was dropped and which a
+/// background thread is still flushing and releasing (canonical paths).
+static RELEASING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static RELEASED: Condvar = Condvar::new();
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Marks `key` (a canonical path) as being released, or released.
+fn releasing(key: &Path, started: bool) {
+    let mut paths = lock(&RELEASING);
+    if started {
+        paths.push(key.to_path_buf());
+    } else if let Some(i) = paths.iter().position(|p| p == key) {
+        paths.swap_remove(i);
+        RELEASED.notify_all();
+    }
+}
+
+/// Waits (at most `limit`) until no dropped store of this process is still
+/// releasing the database at `path`. Blocking.
+fn wait_until_released(path: &Path, limit: Duration) {
+    let key = canonical(path);
+    let deadline = Instant::now() + limit;
+    let mut paths = lock(&RELEASING);
+    while paths.contains(&key) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        paths = RELEASED
+            .wait_timeout(paths, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+}
+
 /// sled hands log writes to its own thread pool, whose jobs hold the
 /// database (and its lock file) for a moment after the last `Db` is dropped.
 /// Wait until the lock can be taken, so "closed" means "openable again".
@@ -962,7 +1167,6 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
             ));
         }
     }
-    let fresh = !path.join("db").exists();
     let db = sled::Config::new()
         .path(path)
         .cache_capacity(cache_capacity)
@@ -986,6 +1190,14 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
                 source: other,
             },
         })?;
+    // sled creates its files and directory (on the first open) and, while
+    // recovering, renames a new snapshot into place and deletes the old one,
+    // without syncing a directory. Until the directory entries are durable a
+    // power cut can undo them: a database created moments ago vanishes, or a
+    // database reopens from no snapshot at all after its log segments were
+    // reused, empty and without an error. Make them durable before the first
+    // write of this open.
+    sync_directories(path)?;
     let meta = db
         .open_tree(META_TREE)
         .map_err(Error::storage("opening the metadata tree"))?;
@@ -1047,13 +1259,31 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
     let log = File::open(path.join("db")).map_err(Error::io("opening the log for fdatasync"))?;
     db.flush().map_err(Error::storage("flushing after open"))?;
     log.sync_data().map_err(Error::io("fdatasync after open"))?;
-    if fresh {
-        // Make the new files' directory entries durable too.
-        File::open(path)
-            .and_then(|dir| dir.sync_all())
-            .map_err(Error::io("syncing the new database directory"))?;
-    }
     Ok((db, names, trees, log))
+}
+
+/// fsyncs sled's configuration file, the database directory, its `blobs`
+/// directory and the directory that holds it.
+fn sync_directories(path: &Path) -> Result<()> {
+    let sync = |p: &Path| File::open(p).and_then(|f| f.sync_all());
+    sync(&path.join("conf")).map_err(Error::io("syncing the database configuration file"))?;
+    sync(&path.join("blobs")).map_err(Error::io("syncing the database's blobs directory"))?;
+    sync(path).map_err(Error::io("syncing the database directory"))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    sync(parent).map_err(Error::io("syncing the directory that holds the database"))
+}
+
+#[cfg(test)]
+impl SledIdempotencyStore {
+    /// Test seam: the next flush meets `fault`.
+    pub(crate) async fn flusher_inject(&self, fault: crate::flusher::Fault) -> Result<()> {
+        let guard = self.inner.state.read().await;
+        guard.as_ref().ok_or(Error::Closed)?.flusher.inject(fault);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

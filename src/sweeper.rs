@@ -1,18 +1,20 @@
 //! The background task that removes expired records.
 //!
-//! Correctness never depends on it (expired records already behave as
-//! absent); it only keeps the database from growing without bound. It scans
-//! the keyspace in bounded batches, pauses between them, stops at the last
-//! key present when it began, and removes a record only with a
-//! compare-and-swap on the exact bytes it inspected, so a key re-claimed
-//! between the read and the removal is left alone.
+//! Correctness never depends on it: it removes only records that every
+//! operation already treats as absent (`machine::sweepable`), so whether or
+//! not it ran never changes an outcome. It only keeps the database from
+//! growing without bound. It scans the keyspace in bounded batches on a
+//! blocking thread, pauses between them, stops at the last key present when
+//! it began, and removes a record only with a compare-and-swap on the exact
+//! bytes it inspected, so a key re-claimed between the read and the removal
+//! is left alone. It holds a `Weak` to the store, upgraded for the moment it
+//! takes to start each batch and never held across an await.
 //!
 //! Cost: one sweep reads every record (it is a scan, not an index lookup).
-//! An expiry index would make a sweep proportional to what it removes, but it
-//! costs a second sled insert on every claim: `cargo bench --bench claim` (at
-//! commit 0c887d0) measured a compare-and-swap plus an index insert at 0.59×
-//! the rate of the compare-and-swap alone. The claim path is the product; the scan runs off
-//! it, in batches.
+//! An expiry index would make a sweep proportional to what it removes, but
+//! it costs a second sled insert on every claim (SPEC §3 measured a plain
+//! insert at ≈ 125–180 k/s and two separate inserts at ≈ 36 k/s). The claim
+//! path is the product; the scan runs off it, in batches.
 
 use std::ops::AddAssign;
 use std::sync::Weak;
@@ -26,7 +28,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use sled::IVec;
 
 use crate::error::{Error, Result};
-use crate::machine;
+use crate::machine::{self, Retention};
 use crate::record::Record;
 use crate::store::{Inner, display_key, remove};
 
@@ -54,8 +56,8 @@ impl AddAssign for SweepReport {
 const MAX_PAUSE: Duration = Duration::from_millis(20);
 
 /// Pauses after a batch for as long as the batch took (at most
-/// [`MAX_PAUSE`]): the sweeper uses at most about half of one core, and the
-/// scheduler gets a chance to run claims and the flusher between batches.
+/// [`MAX_PAUSE`]), so that a long sweep sleeps at least as long as it works
+/// and claims and the flusher get the disk and the cores between batches.
 /// A bare yield was not enough: on a 2-core machine with `Durability::Sync`,
 /// claim p99 latency rose 11× during a sweep of 1,000,000 records
 /// (`cd compare && cargo run --release -- --only sweep`).
@@ -63,8 +65,9 @@ pub(crate) async fn pace(took: Duration) {
     tokio::time::sleep(took.min(MAX_PAUSE)).await;
 }
 
-/// Starts the periodic sweeper. It holds only a `Weak` to the store and a
-/// stop signal: it ends when the store is closed or dropped.
+/// Starts the periodic sweeper. It holds a `Weak` to the store, upgraded
+/// only to start each batch, and a stop signal: it ends when the store is
+/// closed or dropped, and never runs the store's `Drop` across an await.
 pub(crate) fn spawn(
     store: Weak<Inner>,
     interval: Duration,
@@ -85,17 +88,20 @@ pub(crate) fn spawn(
                 if *stop.borrow() {
                     return;
                 }
-                let Some(inner) = store.upgrade() else { return };
-                let Some(space) = inner.space_at(index) else {
-                    break; // every namespace swept
+                let batch = {
+                    let Some(inner) = store.upgrade() else { return };
+                    let Some(space) = inner.space_at(index) else {
+                        break; // every namespace swept
+                    };
+                    inner.sweep_batch(space, std::mem::take(&mut cursor))
                 };
-                match inner.sweep_batch(&space, &mut cursor).await {
-                    Ok((report, more, took)) => {
-                        drop(inner);
-                        pace(took).await;
-                        total += report;
-                        if !more {
-                            (index, cursor) = (index + 1, Cursor::default());
+                match batch.await {
+                    Ok(batch) => {
+                        pace(batch.took).await;
+                        total += batch.report;
+                        match batch.next {
+                            Some(next) => cursor = next,
+                            None => (index, cursor) = (index + 1, Cursor::default()),
                         }
                     }
                     Err(Error::Closed) => return,
@@ -113,6 +119,14 @@ pub(crate) fn spawn(
             );
         }
     })
+}
+
+/// What one batch did, where the sweep of its namespace goes on (`None`:
+/// done), and how long it took.
+pub(crate) struct Batch {
+    pub(crate) report: SweepReport,
+    pub(crate) next: Option<Cursor>,
+    pub(crate) took: Duration,
 }
 
 /// One batch of a sweep: what was read, which records were expired, where to
@@ -136,13 +150,14 @@ pub(crate) struct Cursor {
 }
 
 /// Reads up to `batch` records from `cursor` on (up to `end`, inclusive,
-/// when given) and picks the expired ones.
+/// when given) and picks the forgotten ones.
 pub(crate) fn scan(
     tree: &sled::Tree,
     cursor: &[u8],
     end: Option<&[u8]>,
     batch: usize,
     now: u64,
+    rules: Retention,
 ) -> Result<Scan> {
     let mut report = SweepReport::default();
     let mut expired = Vec::new();
@@ -159,7 +174,7 @@ pub(crate) fn scan(
                 report.corrupt += 1;
                 tracing::warn!(key = %display_key(&key), error = %e, "sweeper skipped a corrupted record");
             }
-            Ok(record) if machine::sweepable(&record, now) => {
+            Ok(record) if machine::sweepable(&record, now, rules) => {
                 expired.push((key.clone(), value, record.token));
             }
             Ok(_) => {}
@@ -203,6 +218,13 @@ mod tests {
     use super::*;
     use crate::record::State;
 
+    /// Expired pending claims forgotten at once, as expired done records.
+    const RULES: Retention = Retention {
+        done_ms: None,
+        default_ttl_ms: 10,
+        pending_ms: 0,
+    };
+
     fn record(state: State, expires_at: u64, token: u64) -> Vec<u8> {
         Record {
             state,
@@ -232,7 +254,7 @@ mod tests {
         tree.insert([4], record(State::Pending, 1_000, 4))
             .map_err(Error::storage("test"))?;
 
-        let scan = scan(&tree, &[], None, 10, 500)?;
+        let scan = scan(&tree, &[], None, 10, 500, RULES)?;
         assert_eq!(scan.report.examined, 4);
         assert_eq!(scan.expired.len(), 3, "keys 1, 2, 3 are expired, 4 is live");
         assert!(scan.next.is_none());
@@ -268,7 +290,7 @@ mod tests {
             tree.insert([k], record(State::Done, 100, 1))
                 .map_err(Error::storage("test"))?;
         }
-        let first = scan(&tree, &[], None, 2, 500)?;
+        let first = scan(&tree, &[], None, 2, 500, RULES)?;
         assert_eq!(first.next.as_deref(), Some(&[1u8, 0][..]));
         let second = scan(
             &tree,
@@ -276,6 +298,7 @@ mod tests {
             None,
             2,
             500,
+            RULES,
         )?;
         assert_eq!(
             second.expired.first().map(|(k, _, _)| k.to_vec()),
@@ -287,6 +310,7 @@ mod tests {
             None,
             2,
             500,
+            RULES,
         )?;
         assert_eq!(third.report.examined, 1);
         assert!(third.next.is_none());
@@ -307,7 +331,7 @@ mod tests {
             tree.insert([k], record(State::Done, 100, 1))
                 .map_err(Error::storage("test"))?;
         }
-        let scan = scan(&tree, &[], Some(&[4]), 3, 500)?;
+        let scan = scan(&tree, &[], Some(&[4]), 3, 500, RULES)?;
         assert_eq!(scan.report.examined, 3);
         let rest = super::scan(
             &tree,
@@ -315,10 +339,11 @@ mod tests {
             Some(&[4]),
             3,
             500,
+            RULES,
         )?;
         assert_eq!(rest.report.examined, 2, "keys 3 and 4, not beyond the end");
         assert!(rest.next.is_none());
-        let exact = super::scan(&tree, &[], Some(&[2]), 3, 500)?;
+        let exact = super::scan(&tree, &[], Some(&[2]), 3, 500, RULES)?;
         assert_eq!(exact.report.examined, 3);
         assert!(
             exact.next.is_none(),

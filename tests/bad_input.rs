@@ -6,7 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, id, open_at};
-use sled_idempotency::{ClaimOutcome::*, Durability, Error, FORMAT_VERSION, SledIdempotencyStore};
+use sled_idempotency::{
+    ClaimOutcome::*, DEFAULT_PENDING_RETENTION, Durability, Error, FORMAT_VERSION,
+    SledIdempotencyStore,
+};
 
 const RECORDS_TREE: &str = "sled-idempotency/records";
 const META_TREE: &str = "sled-idempotency/meta";
@@ -142,6 +145,14 @@ async fn garbage_database_files_are_refused() -> TestResult {
     Ok(())
 }
 
+/// Set in the child that re-runs the unreadable-directory test without the
+/// capabilities that let root read any directory.
+const NO_DAC_CHILD: &str = "SLED_IDEMPOTENCY_NO_DAC_CHILD";
+
+/// An unreadable directory is an `Io` error. Root reads a mode-000
+/// directory (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), and CI runs as root,
+/// so there the test re-runs itself with those capabilities dropped from
+/// the bounding set (`setpriv`, util-linux) instead of skipping.
 #[tokio::test]
 async fn an_unreadable_directory_is_an_error() -> TestResult {
     use std::os::unix::fs::PermissionsExt;
@@ -151,9 +162,26 @@ async fn an_unreadable_directory_is_an_error() -> TestResult {
     std::fs::write(dir.join("conf"), b"x")?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o000))?;
     if std::fs::read_dir(&dir).is_ok() {
-        // Running as root: permissions do not apply, nothing to test.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        println!("skipped: this user can read a mode-000 directory (root)");
+        if std::env::var_os(NO_DAC_CHILD).is_some() {
+            return Err("the child can still read a mode-000 directory".into());
+        }
+        let output = std::process::Command::new("setpriv")
+            .args(["--bounding-set", "-dac_override,-dac_read_search"])
+            .arg(std::env::current_exe()?)
+            .args([
+                "an_unreadable_directory_is_an_error",
+                "--exact",
+                "--test-threads=1",
+            ])
+            .env(NO_DAC_CHILD, "1")
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "the test without DAC capabilities failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         return Ok(());
     }
     let result = open_at(&dir, &fx.clock, Durability::Flush).await;
@@ -216,7 +244,9 @@ async fn a_corrupted_value_is_reported_by_key_and_other_keys_keep_working() -> T
         }
     }
     assert_seed_intact(&store).await?;
-    fx.advance(Duration::from_secs(3600));
+    // Past every expiry and the pending claim's retention: both records
+    // are forgotten and swept, the corrupted one is skipped.
+    fx.advance(DEFAULT_PENDING_RETENTION + Duration::from_secs(3600));
     let report = store.sweep_expired().await?;
     assert_eq!((report.examined, report.removed, report.corrupt), (3, 2, 1));
     store.close().await?;

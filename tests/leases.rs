@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, id};
-use sled_idempotency::{ClaimResult, Error, Holder, Lease, SledIdempotencyStore, State};
+use sled_idempotency::{
+    ClaimResult, DEFAULT_PENDING_RETENTION, Error, Holder, Lease, SledIdempotencyStore, State,
+};
 
 async fn acquire(
     store: &SledIdempotencyStore,
@@ -157,7 +159,7 @@ async fn a_released_or_swept_lease_holds_nothing() -> TestResult {
     assert_eq!(lost(store.complete(&released).await)?.1, Holder::Nothing);
 
     let swept = acquire(&store, 2, TTL).await?;
-    fx.advance(TTL);
+    fx.advance(TTL + DEFAULT_PENDING_RETENTION);
     assert_eq!(store.sweep_expired().await?.removed, 1);
     assert_eq!(lost(store.extend(&swept, TTL).await)?.1, Holder::Nothing);
     Ok(())

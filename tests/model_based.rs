@@ -69,4 +69,19 @@ proptest! {
             .block_on(model::check(&ops, durability))
             .map_err(TestCaseError::fail)?;
     }
+
+    /// Inserting `sweep_expired()` before any step changes no outcome.
+    #[test]
+    fn no_outcome_depends_on_when_the_sweeper_runs(
+        ops in proptest::collection::vec(op(), 1..60),
+        durability in durability(),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        runtime
+            .block_on(model::check_sweep_independence(&ops, durability))
+            .map_err(TestCaseError::fail)?;
+    }
 }

@@ -69,7 +69,11 @@ async fn a_namespace_handle_is_a_bus_core_store_too() -> TestResult {
 #[tokio::test]
 async fn one_sweep_covers_every_namespace() -> TestResult {
     let fx = Fixture::new();
-    let store = fx.open().await?;
+    let store = fx
+        .builder()
+        .pending_retention(Duration::ZERO)
+        .open()
+        .await?;
     let a = store.namespace("a").await?;
     let b = store.namespace("b").await?;
     for (n, handle) in [&store, &a, &b].into_iter().enumerate() {
@@ -100,6 +104,7 @@ async fn the_background_sweeper_covers_namespaces_created_after_open() -> TestRe
         .builder()
         .durability(Durability::Periodic(Duration::from_secs(3600)))
         .sweep_interval(Duration::from_secs(10))
+        .pending_retention(Duration::ZERO)
         .open()
         .await?;
     let late = store.namespace("late").await?;

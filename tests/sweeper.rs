@@ -1,6 +1,7 @@
-//! The sweeper removes expired records only, never a record re-claimed
-//! while it runs, runs on its own period, and stops when the store is closed
-//! or dropped.
+//! The sweeper removes forgotten records only (expired done records, and
+//! pending claims past their expiry plus the pending retention), never a
+//! record re-claimed while it runs, runs on its own period, and stops when
+//! the store is closed or dropped.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, id};
-use sled_idempotency::{ClaimOutcome, Durability};
+use sled_idempotency::{ClaimOutcome, DEFAULT_PENDING_RETENTION, Durability};
 
 #[tokio::test]
 async fn sweep_removes_expired_records_only() -> TestResult {
@@ -28,17 +29,19 @@ async fn sweep_removes_expired_records_only() -> TestResult {
     let nothing = store.sweep_expired().await?;
     assert_eq!((nothing.examined, nothing.removed), (40, 0));
 
+    // The short done records are gone; the short pending claims expired
+    // but are remembered (attempts, token) for the pending retention.
     fx.advance(Duration::from_secs(10));
     let report = store.sweep_expired().await?;
     assert_eq!(
         (report.examined, report.removed, report.corrupt),
-        (40, 20, 0)
+        (40, 10, 0)
     );
-    for n in 0..20 {
+    for n in 10..20 {
         assert!(store.get_record(&id(n)).await?.is_none(), "key {n} expired");
     }
-    for n in 20..40 {
-        assert!(store.get_record(&id(n)).await?.is_some(), "key {n} is live");
+    for n in (0..10).chain(20..40) {
+        assert!(store.get_record(&id(n)).await?.is_some(), "key {n} is kept");
     }
     assert_eq!(
         store.try_claim(&id(25), TTL).await?,
@@ -48,6 +51,22 @@ async fn sweep_removes_expired_records_only() -> TestResult {
         store.try_claim(&id(35), TTL).await?,
         ClaimOutcome::AlreadyDone
     );
+    // A day on, the long done records have expired and go; the expired
+    // claims go only once their retention has passed too.
+    fx.advance(DEFAULT_PENDING_RETENTION - Duration::from_millis(1));
+    let report = store.sweep_expired().await?;
+    assert_eq!(
+        report.removed, 10,
+        "only the long done records; claims remembered"
+    );
+    fx.advance(Duration::from_millis(1));
+    assert_eq!(store.sweep_expired().await?.removed, 10);
+    for n in 0..10 {
+        assert!(
+            store.get_record(&id(n)).await?.is_none(),
+            "key {n} forgotten"
+        );
+    }
     Ok(())
 }
 
@@ -58,6 +77,7 @@ async fn sweep_walks_every_batch() -> TestResult {
         .builder()
         .durability(Durability::Periodic(Duration::from_secs(3600)))
         .sweep_batch(7)
+        .pending_retention(Duration::ZERO)
         .open()
         .await?;
     for n in 0..100 {
@@ -143,6 +163,7 @@ async fn the_background_sweeper_runs_every_interval() -> TestResult {
         .builder()
         .durability(Durability::Periodic(Duration::from_secs(3600)))
         .sweep_interval(Duration::from_secs(10))
+        .pending_retention(Duration::ZERO)
         .open()
         .await?;
     store.try_claim(&id(1), TTL).await?;
@@ -190,6 +211,7 @@ async fn sweeper_stops(close: bool) -> TestResult {
     let store = fx
         .builder()
         .sweep_interval(Duration::from_millis(20))
+        .pending_retention(Duration::ZERO)
         .open()
         .await?;
     // The sweeper runs: an expired record disappears by itself.

@@ -21,6 +21,9 @@ pub const KEYS: u8 = 4;
 pub const T0: u64 = 1_800_000_000_000;
 /// `default_ttl` of the store under test (retention of an unclaimed done).
 pub const DEFAULT_TTL_MS: u64 = 500;
+/// `pending_retention` of the store under test: how long an expired claim
+/// is remembered. Short enough that sequences reach forgotten claims.
+pub const PENDING_RETENTION_MS: u64 = 700;
 
 /// One step applied to both the model and the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +124,7 @@ struct MRecord {
 enum LeaseOutcome {
     Ok,
     Lost(MHolder),
+    DifferentResult,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +160,20 @@ impl Model {
         self.records.get(&key).filter(|r| self.now < r.expires_at)
     }
 
+    /// SPEC §2: a record counts while it is live; an expired claim counts
+    /// for the pending retention after its expiry. Anything else is as if
+    /// absent, swept or not.
+    fn remembered(&self, key: u8) -> Option<&MRecord> {
+        self.records.get(&key).filter(|r| {
+            let until = if r.pending {
+                r.expires_at + PENDING_RETENTION_MS
+            } else {
+                r.expires_at
+            };
+            self.now < until
+        })
+    }
+
     fn claim(&mut self, key: u8, ttl: u64, fingerprint: Option<u8>) -> ClaimResult {
         if let Some(r) = self.live(key) {
             if let (Some(given), Some(stored)) = (fingerprint, r.fingerprint)
@@ -174,9 +192,9 @@ impl Model {
                 }
             };
         }
-        let attempts = match self.records.get(&key) {
-            Some(r) if r.pending => r.attempts + 1,
-            _ => 1,
+        let attempts = match self.remembered(key) {
+            Some(r) => r.attempts + 1, // a remembered, expired claim
+            None => 1,
         };
         self.claims += 1;
         let record = MRecord {
@@ -206,10 +224,10 @@ impl Model {
     }
 
     fn mark_done(&mut self, key: u8) {
-        let new = match self.records.get(&key) {
+        let new = match self.remembered(key) {
             Some(r) if r.pending => self.done_from(r, None),
-            Some(_) if self.live(key).is_some() => return,
-            _ => MRecord {
+            Some(_) => return, // live done
+            None => MRecord {
                 pending: false,
                 expires_at: self.now + DEFAULT_TTL_MS,
                 claim: 0,
@@ -223,20 +241,19 @@ impl Model {
     }
 
     fn release(&mut self, key: u8) {
-        if self.records.get(&key).is_some_and(|r| r.pending) {
+        if self.remembered(key).is_some_and(|r| r.pending) {
             self.records.remove(&key);
         }
     }
 
     fn holder(&self, key: u8) -> MHolder {
-        match self.records.get(&key) {
+        match self.remembered(key) {
             None => MHolder::Nothing,
             Some(r) if r.pending => MHolder::Claim {
                 claim: r.claim,
                 expires_at: r.expires_at,
                 attempts: r.attempts,
             },
-            Some(_) if self.live(key).is_none() => MHolder::Nothing,
             Some(r) => MHolder::Done {
                 claim: r.claim,
                 expires_at: r.expires_at,
@@ -245,8 +262,7 @@ impl Model {
     }
 
     fn holds(&self, lease: &MLease) -> bool {
-        self.records
-            .get(&lease.key)
+        self.remembered(lease.key)
             .is_some_and(|r| r.pending && r.claim == lease.claim)
     }
 
@@ -255,7 +271,11 @@ impl Model {
             && !r.pending
             && r.claim == lease.claim
         {
-            return LeaseOutcome::Ok;
+            // Completing again is fine; with another result it is refused.
+            return match result {
+                Some(given) if r.result.as_ref() != Some(&given) => LeaseOutcome::DifferentResult,
+                _ => LeaseOutcome::Ok,
+            };
         }
         if !self.holds(lease) {
             return LeaseOutcome::Lost(self.holder(lease.key));
@@ -285,11 +305,15 @@ impl Model {
         LeaseOutcome::Ok
     }
 
+    /// The sweeper, from the rule: it removes what is no longer remembered.
     fn sweep(&mut self) -> u64 {
-        let before = self.records.len();
-        let now = self.now;
-        self.records.retain(|_, r| now < r.expires_at);
-        (before - self.records.len()) as u64
+        let forgotten: Vec<u8> = (0..KEYS)
+            .filter(|k| self.records.contains_key(k) && self.remembered(*k).is_none())
+            .collect();
+        for key in &forgotten {
+            self.records.remove(key);
+        }
+        forgotten.len() as u64
     }
 }
 
@@ -308,6 +332,9 @@ pub struct Driver {
     /// Store token of model claim `n` at index `n` (index 0: no claim).
     tokens: Vec<u64>,
     leases: Vec<(Lease, MLease)>,
+    /// What the store answered to each op but sweeps, tokens written as
+    /// claim numbers: the record of outcomes that sweeping must not change.
+    outcomes: Vec<String>,
 }
 
 impl Driver {
@@ -324,6 +351,7 @@ impl Driver {
             },
             tokens: vec![0],
             leases: Vec::new(),
+            outcomes: Vec::new(),
         };
         driver.reopen().await?;
         Ok(driver)
@@ -334,6 +362,7 @@ impl Driver {
             .clock(self.clock.clone())
             .durability(self.durability)
             .default_ttl(Duration::from_millis(DEFAULT_TTL_MS))
+            .pending_retention(Duration::from_millis(PENDING_RETENTION_MS))
             .sweep_interval(Duration::from_secs(3600))
             .open()
             .await
@@ -392,14 +421,41 @@ impl Driver {
         }
     }
 
+    /// `holder` with its token written as the claim number.
+    fn holder_outcome(&self, holder: &Holder) -> String {
+        let claim = |token: &u64| self.tokens.iter().position(|t| t == token);
+        match holder {
+            Holder::Nothing => "nothing".to_owned(),
+            Holder::Claim {
+                token,
+                expires_at,
+                attempts,
+            } => format!(
+                "claim {:?} until {expires_at} attempt {attempts}",
+                claim(token)
+            ),
+            Holder::Done { token, expires_at } => {
+                format!("done by {:?} until {expires_at}", claim(token))
+            }
+        }
+    }
+
     fn lease_result(
-        &self,
+        &mut self,
         what: &str,
         store: Result<(), Error>,
         model: LeaseOutcome,
     ) -> Result<(), String> {
+        let outcome = match &store {
+            Ok(()) => "ok".to_owned(),
+            Err(Error::LeaseLost { holds, .. }) => format!("lost: {}", self.holder_outcome(holds)),
+            Err(Error::DifferentResult { .. }) => "different result".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        self.outcomes.push(format!("{what}: {outcome}"));
         match (store, model) {
             (Ok(()), LeaseOutcome::Ok) => Ok(()),
+            (Err(Error::DifferentResult { .. }), LeaseOutcome::DifferentResult) => Ok(()),
             (Err(Error::LeaseLost { holds, .. }), LeaseOutcome::Lost(expected))
                 if self.holder_matches(&holds, &expected) =>
             {
@@ -430,6 +486,7 @@ impl Driver {
                 if store != expected {
                     return Err(format!("try_claim: store {store:?}, model {expected:?}"));
                 }
+                self.outcomes.push(format!("try_claim: {store:?}"));
                 if store == ClaimOutcome::Claimed {
                     let record = self
                         .store()?
@@ -450,6 +507,7 @@ impl Driver {
                     .await
                     .map_err(|e| format!("mark_done: {e}"))?;
                 self.model.mark_done(key % KEYS);
+                self.outcomes.push("mark_done: ok".to_owned());
             }
             Op::Release { key } => {
                 self.store()?
@@ -457,6 +515,7 @@ impl Driver {
                     .await
                     .map_err(|e| format!("release: {e}"))?;
                 self.model.release(key % KEYS);
+                self.outcomes.push("release: ok".to_owned());
             }
             Op::Claim {
                 key,
@@ -490,6 +549,12 @@ impl Driver {
                             ));
                         }
                         self.record_claim(lease)?;
+                        self.outcomes.push(format!(
+                            "claim: acquired #{} attempt {} until {}",
+                            self.model.claims,
+                            lease.attempt(),
+                            lease.expires_at()
+                        ));
                         let mlease = MLease {
                             key: key % KEYS,
                             claim: self.model.claims,
@@ -497,7 +562,9 @@ impl Driver {
                         };
                         self.leases.push((lease.clone(), mlease));
                     }
-                    (store, expected) if store == expected => {}
+                    (store, expected) if store == expected => {
+                        self.outcomes.push(format!("claim: {store:?}"));
+                    }
                     (store, expected) => {
                         return Err(format!("claim: store {store:?}, model {expected:?}"));
                     }
@@ -563,6 +630,7 @@ impl Driver {
                 }
             }
             Op::CloseReopen => {
+                self.outcomes.push("reopen".to_owned());
                 self.store()?
                     .close()
                     .await
@@ -570,6 +638,7 @@ impl Driver {
                 self.reopen().await?;
             }
             Op::DropReopen => {
+                self.outcomes.push("reopen".to_owned());
                 self.store = None;
                 self.reopen().await?;
             }
@@ -611,8 +680,8 @@ impl Driver {
         Ok(())
     }
 
-    /// Applies every op, then closes the store.
-    pub async fn run(mut self, ops: &[Op]) -> Result<(), String> {
+    /// Applies every op, then closes the store; returns the outcomes.
+    pub async fn run(mut self, ops: &[Op]) -> Result<Vec<String>, String> {
         for (i, op) in ops.iter().enumerate() {
             self.step(op)
                 .await
@@ -621,19 +690,51 @@ impl Driver {
         self.store()?
             .close()
             .await
-            .map_err(|e| format!("final close: {e}"))
+            .map_err(|e| format!("final close: {e}"))?;
+        Ok(self.outcomes)
     }
 }
 
-/// Runs `ops` on a fresh store in a temporary directory (in memory-backed
-/// `/dev/shm` where there is one: the fuzzer opens thousands of stores).
-pub async fn check(ops: &[Op], durability: Durability) -> Result<(), String> {
+/// A temporary directory, in memory-backed `/dev/shm` where there is one.
+pub fn scratch() -> Result<tempfile::TempDir, String> {
     let shm = std::path::Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
+    if shm.is_dir() {
         tempfile::tempdir_in(shm)
     } else {
         tempfile::tempdir()
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())
+}
+
+/// Runs `ops` on a fresh store and the model, comparing after every step,
+/// and returns the store's outcomes.
+pub async fn check(ops: &[Op], durability: Durability) -> Result<Vec<String>, String> {
+    let dir = scratch()?;
     Driver::new(dir.path(), durability).await?.run(ops).await
+}
+
+/// SPEC §2: no outcome depends on when the sweeper runs. Runs `ops`
+/// without any sweep and again with a sweep before every op and at the
+/// end, each checked against the model, and requires the same outcomes.
+pub async fn check_sweep_independence(ops: &[Op], durability: Durability) -> Result<(), String> {
+    let unswept: Vec<Op> = ops.iter().filter(|op| **op != Op::Sweep).cloned().collect();
+    let swept: Vec<Op> = unswept
+        .iter()
+        .flat_map(|op| [Op::Sweep, op.clone()])
+        .chain([Op::Sweep])
+        .collect();
+    let without = check(&unswept, durability).await?;
+    let with = check(&swept, durability)
+        .await
+        .map_err(|e| format!("with sweeps: {e}"))?;
+    match without.iter().zip(&with).position(|(a, b)| a != b) {
+        Some(i) => Err(format!(
+            "op {i} {:?}: without sweeps {:?}, with a sweep before every op {:?}",
+            unswept.get(i),
+            without[i],
+            with[i]
+        )),
+        None if without.len() != with.len() => Err("outcome counts differ".to_owned()),
+        None => Ok(()),
+    }
 }
