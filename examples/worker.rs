@@ -1,29 +1,45 @@
-//! A single-node worker consuming a simulated at-least-once stream.
+//! A single-node worker consuming a simulated at-least-once stream, crashed
+//! for real.
 //!
 //! A broker delivers 2,000 messages with duplicates (some redelivered while
-//! the first delivery is still being handled), handlers sometimes fail and
-//! `release` their claim for a retry, and halfway through the worker
-//! "crashes": one message is claimed but never handled, the store is dropped
-//! without `close`, and a new worker reopens the database. At the end the
-//! example checks that every message's effect happened exactly once and
+//! the first delivery is still being handled), and handlers sometimes fail
+//! and `abandon` their claim for a retry. The worker's first life runs in a
+//! child process, which the example kills with SIGKILL in mid-stream: claims
+//! in flight, handlers half done, nothing closed or flushed by hand. Its
+//! second life reopens the database and the broker, which never saw most
+//! acknowledgements, redelivers the whole stream. Every handler's effect is
+//! an append to a ledger file outside the worker (the downstream system).
+//!
+//! The store answers which messages are done, so those are skipped; a
+//! message whose handler the crash interrupted comes back, after its claim
+//! expires, as attempt 2 or later, and only then does the handler look in
+//! the ledger for the effect of its earlier attempt. At the end the example
+//! checks that every message's effect is in the ledger exactly once and
 //! exits non-zero if not.
 //!
-//! Run: `cargo run --release --example worker [DB_DIR]` (default
-//! `./dedup-db`).
+//! Run: `cargo run --release --example worker [DIR]` (default
+//! `./dedup-db`; the database is `DIR/store`, the ledger `DIR/ledger`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use sled_idempotency::{ClaimOutcome, MessageId, SledIdempotencyStore};
+use sled_idempotency::{ClaimResult, MessageId, SledIdempotencyStore};
 use tokio::sync::Mutex;
 
-const MESSAGES: usize = 2_000;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const MESSAGES: u64 = 2_000;
 const WORKERS: usize = 8;
 /// How long a claim protects a message being handled. A crashed worker's
 /// claim blocks redelivery for this long, then another worker takes over.
 const CLAIM_TTL: Duration = Duration::from_secs(2);
+/// Set in the child process that runs the worker's first life.
+const CHILD_ENV: &str = "SLED_IDEMPOTENCY_WORKER_CHILD";
 
 /// The broker: a queue of deliveries; an unacknowledged delivery comes back.
 struct Broker {
@@ -46,11 +62,48 @@ impl Broker {
     }
 }
 
-/// The downstream system the handler changes: how often each message's
-/// effect was applied. It lives outside the worker and survives its crash.
-#[derive(Default)]
+/// The downstream system: an append-only file of applied effects, one
+/// message id per line. Each effect is one `write` of a whole line, so it
+/// survives the worker's SIGKILL (the kernel keeps it).
 struct Ledger {
-    applied: std::sync::Mutex<HashMap<MessageId, u32>>,
+    path: PathBuf,
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+impl Ledger {
+    fn open(path: &Path) -> std::io::Result<Ledger> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Ledger {
+            path: path.to_path_buf(),
+            file: std::sync::Mutex::new(file),
+        })
+    }
+
+    fn apply(&self, id: &MessageId) -> std::io::Result<()> {
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        file.write_all(format!("{id}\n").as_bytes())
+    }
+
+    /// How many times each message's effect was applied.
+    fn counts(&self) -> std::io::Result<HashMap<String, u32>> {
+        let mut counts = HashMap::new();
+        for line in BufReader::new(std::fs::File::open(&self.path)?).lines() {
+            *counts.entry(line?).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    /// Whether an earlier attempt already applied `id`'s effect: asked only
+    /// on attempt 2 or later, after a crash interrupted a handler.
+    fn applied(&self, id: &MessageId) -> std::io::Result<bool> {
+        Ok(self.counts()?.contains_key(&id.to_string()))
+    }
 }
 
 #[derive(Default)]
@@ -58,11 +111,12 @@ struct Counters {
     suppressed_done: AtomicU64,
     suppressed_pending: AtomicU64,
     executions: AtomicU64,
+    recovered: AtomicU64,
     failures: AtomicU64,
 }
 
 /// Deterministic pseudo-random numbers (splitmix64): the same stream shape
-/// on every run.
+/// on every run, in both lives of the worker.
 struct Rng(u64);
 
 impl Rng {
@@ -79,10 +133,14 @@ impl Rng {
     }
 }
 
-/// Messages, each delivered one to three times, duplicates shuffled close to
-/// the original as a broker's redeliveries are.
-fn stream(rng: &mut Rng) -> (Vec<MessageId>, VecDeque<MessageId>) {
-    let messages: Vec<MessageId> = (0..MESSAGES).map(|_| MessageId::new()).collect();
+/// The run's messages (ids unique to the run), the deliveries (each message
+/// one to three times, duplicates shuffled close to the original as a
+/// broker's redeliveries are) and the messages whose handler fails once.
+fn stream(run: u64) -> (Vec<MessageId>, VecDeque<MessageId>, HashSet<MessageId>) {
+    let mut rng = Rng(0x5EED);
+    let messages: Vec<MessageId> = (0..MESSAGES)
+        .map(|i| MessageId::from_uuid(uuid::Uuid::from_u64_pair(run, i)))
+        .collect();
     let mut deliveries = Vec::new();
     for id in &messages {
         let copies = 1 + usize::from(rng.below(3) == 0) + usize::from(rng.below(8) == 0);
@@ -93,96 +151,109 @@ fn stream(rng: &mut Rng) -> (Vec<MessageId>, VecDeque<MessageId>) {
         let j = i - rng.below(window + 1) as usize;
         deliveries.swap(i, j);
     }
-    (messages, deliveries.into())
-}
-
-/// One delivery: claim, run the handler, mark done or release.
-async fn handle(
-    store: &SledIdempotencyStore,
-    broker: &Broker,
-    ledger: &Ledger,
-    counters: &Counters,
-    failing: &Failing,
-    id: MessageId,
-) -> Result<(), sled_idempotency::Error> {
-    match store.try_claim(&id, CLAIM_TTL).await? {
-        ClaimOutcome::AlreadyDone => {
-            counters.suppressed_done.fetch_add(1, Relaxed); // ack, skip
-        }
-        ClaimOutcome::AlreadyPending => {
-            counters.suppressed_pending.fetch_add(1, Relaxed);
-            tokio::time::sleep(Duration::from_millis(2)).await; // nack with delay
-            broker.redeliver(id).await;
-        }
-        ClaimOutcome::Claimed if failing.fail_once(&id) => {
-            counters.failures.fetch_add(1, Relaxed);
-            store.release(&id).await?;
-            broker.redeliver(id).await;
-        }
-        ClaimOutcome::Claimed => {
-            counters.executions.fetch_add(1, Relaxed);
-            if let Ok(mut applied) = ledger.applied.lock() {
-                *applied.entry(id.clone()).or_default() += 1;
-            }
-            store.mark_done(&id).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Runs `WORKERS` tasks until `stop_after` deliveries were taken (or the
-/// queue drained for good).
-async fn run_workers(
-    store: &SledIdempotencyStore,
-    broker: &Arc<Broker>,
-    ledger: &Arc<Ledger>,
-    counters: &Arc<Counters>,
-    stop_after: u64,
-    failing: &Arc<Failing>,
-) -> Result<(), sled_idempotency::Error> {
-    let tasks: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (store, broker, ledger, counters, failing) = (
-                store.clone(),
-                broker.clone(),
-                ledger.clone(),
-                counters.clone(),
-                failing.clone(),
-            );
-            tokio::spawn(async move {
-                let mut idle = 0;
-                while broker.deliveries.load(Relaxed) < stop_after {
-                    let Some(id) = broker.next().await else {
-                        // Others may still redeliver: wait a little before quitting.
-                        idle += 1;
-                        if idle > 50 {
-                            return Ok(());
-                        }
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    };
-                    idle = 0;
-                    handle(&store, &broker, &ledger, &counters, &failing, id).await?;
-                }
-                Ok::<_, sled_idempotency::Error>(())
-            })
-        })
+    let failing = messages
+        .iter()
+        .filter(|_| rng.below(20) == 0)
+        .cloned()
         .collect();
-    for task in tasks {
-        task.await.map_err(|e| {
-            sled_idempotency::Error::InvalidConfig(format!("worker panicked: {e}"))
-        })??;
-    }
-    Ok(())
+    (messages, deliveries.into(), failing)
 }
 
-/// Messages whose handler fails on its first run (then succeeds on retry).
-struct Failing(std::sync::Mutex<std::collections::HashSet<MessageId>>);
+struct Worker {
+    store: SledIdempotencyStore,
+    broker: Broker,
+    ledger: Ledger,
+    counters: Counters,
+    failing: std::sync::Mutex<HashSet<MessageId>>,
+    /// The child reports its progress to the parent on stdout.
+    child: bool,
+}
 
-impl Failing {
-    fn fail_once(&self, id: &MessageId) -> bool {
-        self.0.lock().is_ok_and(|mut set| set.remove(id))
+impl Worker {
+    fn fails_once(&self, id: &MessageId) -> bool {
+        self.failing.lock().is_ok_and(|mut set| set.remove(id))
     }
+
+    /// One delivery: claim, run the handler, complete or abandon.
+    async fn handle(&self, id: MessageId) -> Result<(), BoxError> {
+        let lease = match self.store.claim(&id, CLAIM_TTL).await? {
+            ClaimResult::Acquired(lease) => lease,
+            ClaimResult::Done { .. } | ClaimResult::Conflict { done: true } => {
+                self.counters.suppressed_done.fetch_add(1, Relaxed); // ack, skip
+                return Ok(());
+            }
+            ClaimResult::InProgress { .. } | ClaimResult::Conflict { .. } => {
+                self.counters.suppressed_pending.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await; // nack with delay
+                self.broker.redeliver(id).await;
+                return Ok(());
+            }
+        };
+        if self.fails_once(&id) {
+            self.counters.failures.fetch_add(1, Relaxed);
+            self.store.abandon(&lease).await?;
+            self.broker.redeliver(id).await;
+            return Ok(());
+        }
+        // Attempt 2 or later: a crash interrupted an earlier attempt, which
+        // may have applied the effect before it died.
+        if lease.attempt() > 1 && self.ledger.applied(&id)? {
+            self.counters.recovered.fetch_add(1, Relaxed);
+        } else {
+            self.counters.executions.fetch_add(1, Relaxed);
+            self.ledger.apply(&id)?;
+        }
+        self.store.complete(&lease).await?;
+        Ok(())
+    }
+
+    /// Runs `WORKERS` tasks until the queue has drained for good.
+    async fn run(self: &Arc<Self>) -> Result<(), BoxError> {
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                let worker = self.clone();
+                tokio::spawn(async move {
+                    let mut idle = 0;
+                    loop {
+                        let Some(id) = worker.broker.next().await else {
+                            // Others may still redeliver: wait before quitting.
+                            idle += 1;
+                            if idle > 400 {
+                                return Ok::<(), BoxError>(());
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        };
+                        idle = 0;
+                        worker.handle(id).await?;
+                        let done = worker.broker.deliveries.load(Relaxed);
+                        if worker.child && done.is_multiple_of(100) {
+                            println!("progress {done}"); // read by the parent
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+async fn worker(dir: &Path, run: u64, child: bool) -> Result<Arc<Worker>, BoxError> {
+    let (_, deliveries, failing) = stream(run);
+    Ok(Arc::new(Worker {
+        store: SledIdempotencyStore::open(dir.join("store")).await?,
+        broker: Broker {
+            queue: Mutex::new(deliveries),
+            deliveries: AtomicU64::new(0),
+        },
+        ledger: Ledger::open(&dir.join("ledger"))?,
+        counters: Counters::default(),
+        failing: std::sync::Mutex::new(failing),
+        child,
+    }))
 }
 
 #[tokio::main]
@@ -197,86 +268,91 @@ async fn main() {
     }
 }
 
+/// Starts the first life in a child process and kills it with SIGKILL once
+/// it has taken about a third of the deliveries. Returns how many it had
+/// reported.
+fn first_life_killed(dir: &Path, run: u64) -> Result<u64, BoxError> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg(dir)
+        .env(CHILD_ENV, run.to_string())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no child stdout")?;
+    let mut seen = 0;
+    for line in BufReader::new(stdout).lines() {
+        if let Some(n) = line?.strip_prefix("progress ") {
+            seen = n.parse()?;
+            if seen >= MESSAGES * 2 / 3 {
+                break;
+            }
+        }
+    }
+    child.kill()?; // SIGKILL: no destructor, no close, no final flush
+    child.wait()?;
+    Ok(seen)
+}
+
 /// Runs the simulation; `Ok(false)` when some effect did not happen exactly
 /// once.
-async fn run() -> Result<bool, Box<dyn std::error::Error>> {
-    let path = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "./dedup-db".into());
+async fn run() -> Result<bool, BoxError> {
+    let dir = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "./dedup-db".into()),
+    );
+    if let Ok(run) = std::env::var(CHILD_ENV) {
+        // The first life: work until killed.
+        worker(&dir, run.parse()?, true).await?.run().await?;
+        return Ok(true);
+    }
     let started = Instant::now();
-    let mut rng = Rng(0x5EED);
-    let (messages, deliveries) = stream(&mut rng);
-    let planned = deliveries.len();
-    let failing = Arc::new(Failing(std::sync::Mutex::new(
-        messages
-            .iter()
-            .filter(|_| rng.below(20) == 0)
-            .cloned()
-            .collect(),
-    )));
-    let broker = Arc::new(Broker {
-        queue: Mutex::new(deliveries),
-        deliveries: AtomicU64::new(0),
-    });
-    let ledger = Arc::new(Ledger::default());
-    let counters = Arc::new(Counters::default());
+    std::fs::create_dir_all(&dir)?;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    let killed_after = first_life_killed(&dir, run)?;
 
-    // First life of the worker: half the stream.
-    let store = SledIdempotencyStore::open(&path).await?;
-    run_workers(
-        &store,
-        &broker,
-        &ledger,
-        &counters,
-        planned as u64 / 2,
-        &failing,
-    )
-    .await?;
+    // Second life: reopen the database; the broker redelivers everything.
+    let worker = worker(&dir, run, false).await?;
+    worker.run().await?;
+    worker.store.close().await?;
 
-    // The crash: a message is claimed, the process dies before the handler
-    // runs, the broker never got an ack so the message comes back.
-    let in_flight = broker.next().await.ok_or("stream ended before the crash")?;
-    let crashed_claim = store.try_claim(&in_flight, CLAIM_TTL).await?;
-    broker.redeliver(in_flight.clone()).await;
-    drop(store); // no close(): whatever the worker held in memory is gone
-
-    // Second life: reopen the same database and drain the stream.
-    let store = SledIdempotencyStore::open(&path).await?;
-    run_workers(&store, &broker, &ledger, &counters, u64::MAX, &failing).await?;
-    store.close().await?;
-
-    let applied = ledger.applied.lock().map_err(|_| "ledger poisoned")?;
-    let exactly_once = messages
-        .iter()
-        .filter(|id| applied.get(*id) == Some(&1))
-        .count();
-    let twice: usize = applied.values().filter(|&&n| n > 1).count();
-    let never = messages.len() - applied.len();
+    let (messages, _, _) = stream(run);
+    let applied = worker.ledger.counts()?;
+    let count = |id: &MessageId| applied.get(&id.to_string()).copied().unwrap_or(0);
+    let exactly_once = messages.iter().filter(|id| count(id) == 1).count();
+    let twice = messages.iter().filter(|id| count(id) > 1).count();
+    let never = messages.iter().filter(|id| count(id) == 0).count();
     let ok = exactly_once == messages.len();
 
-    println!("sled-idempotency worker report ({path})");
+    let c = &worker.counters;
+    println!("sled-idempotency worker report ({})", dir.display());
     println!("  messages                      {:>6}", messages.len());
     println!(
-        "  deliveries                    {:>6}",
-        broker.deliveries.load(Relaxed)
+        "  first life killed (SIGKILL)   {:>6}  deliveries in",
+        killed_after
+    );
+    println!(
+        "  second life deliveries        {:>6}",
+        worker.broker.deliveries.load(Relaxed)
     );
     println!(
         "  duplicates suppressed         {:>6}  ({} already done, {} in flight elsewhere)",
-        counters.suppressed_done.load(Relaxed) + counters.suppressed_pending.load(Relaxed),
-        counters.suppressed_done.load(Relaxed),
-        counters.suppressed_pending.load(Relaxed)
+        c.suppressed_done.load(Relaxed) + c.suppressed_pending.load(Relaxed),
+        c.suppressed_done.load(Relaxed),
+        c.suppressed_pending.load(Relaxed)
     );
     println!(
-        "  handler executions            {:>6}",
-        counters.executions.load(Relaxed)
+        "  handler executions            {:>6}  (second life)",
+        c.executions.load(Relaxed)
     );
     println!(
-        "  handler failures (released)   {:>6}",
-        counters.failures.load(Relaxed)
+        "  interrupted, found applied    {:>6}  (attempt > 1, effect already in the ledger)",
+        c.recovered.load(Relaxed)
     );
     println!(
-        "  simulated crashes             {:>6}  (claim before crash: {crashed_claim:?})",
-        1
+        "  handler failures (abandoned)  {:>6}  (second life)",
+        c.failures.load(Relaxed)
     );
     println!(
         "  effects exactly once          {exactly_once:>6} / {}",

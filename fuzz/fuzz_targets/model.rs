@@ -1,7 +1,17 @@
 //! Feeds arbitrary operation sequences to the store and to the in-memory
-//! model of `tests/model/mod.rs`, comparing after every step; any
-//! divergence aborts with a description of the first differing step.
+//! model of `tests/model/mod.rs`, comparing after every step, and checks
+//! that no outcome depends on when the sweeper runs: the same sequence runs
+//! on a second store with a sweep before every op, and both stores must
+//! answer alike. Any divergence aborts with a description of the first
+//! differing step.
+//!
+//! Speed: the two stores are opened once per process, not per input; each
+//! input starts a new sequence on them (the clock moves a day on and a
+//! sweep empties them, checked against the model). Reopening stays one of
+//! the ops, as a rare input.
 #![no_main]
+
+use std::cell::RefCell;
 
 use libfuzzer_sys::fuzz_target;
 use sled_idempotency::Durability;
@@ -9,23 +19,69 @@ use sled_idempotency::Durability;
 #[path = "../../tests/model/mod.rs"]
 mod model;
 
-use model::Op;
+use model::{Driver, Op};
+
+struct Stores {
+    runtime: tokio::runtime::Runtime,
+    unswept: Driver,
+    swept: Driver,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn stores() -> Stores {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let dirs = (
+        model::scratch().expect("a scratch directory"),
+        model::scratch().expect("a scratch directory"),
+    );
+    let durability = Durability::Periodic(std::time::Duration::from_secs(3600));
+    let (unswept, swept) = runtime.block_on(async {
+        (
+            Driver::new(dirs.0.path(), durability).await.expect("open"),
+            Driver::new(dirs.1.path(), durability).await.expect("open"),
+        )
+    });
+    Stores {
+        runtime,
+        unswept,
+        swept,
+        _dirs: dirs,
+    }
+}
+
+thread_local! {
+    static STORES: RefCell<Option<Stores>> = const { RefCell::new(None) };
+}
 
 fuzz_target!(|data: &[u8]| {
     let mut bytes = data;
     let mut ops = Vec::new();
     while ops.len() < 64 {
         match Op::take(&mut bytes) {
+            Some(Op::Sweep) => {} // the second store sweeps before every op
             Some(op) => ops.push(op),
             None => break,
         }
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let durability = Durability::Periodic(std::time::Duration::from_secs(3600));
-    if let Err(divergence) = runtime.block_on(model::check(&ops, durability)) {
-        panic!("store and model diverge: {divergence}\nops: {ops:?}");
-    }
+    let swept_ops: Vec<Op> = ops.iter().flat_map(|op| [Op::Sweep, op.clone()]).collect();
+    STORES.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let s = cell.get_or_insert_with(stores);
+        let result = s.runtime.block_on(async {
+            s.unswept.next_sequence().await?;
+            s.swept.next_sequence().await?;
+            s.unswept.steps(&ops).await?;
+            s.swept
+                .steps(&swept_ops)
+                .await
+                .map_err(|e| format!("with sweeps: {e}"))?;
+            model::same_outcomes(&s.unswept, &s.swept)
+        });
+        if let Err(divergence) = result {
+            panic!("store and model diverge: {divergence}\nops: {ops:?}");
+        }
+    });
 });
