@@ -51,11 +51,12 @@ pub enum Durability {
     /// Concurrent writers share one flush and one fdatasync (group commit).
     Sync,
     /// Return once a sled `flush()` covers the write. Survives a process
-    /// crash (SIGKILL); an OS crash or power loss may lose it.
+    /// crash (SIGKILL); an OS crash or power loss may lose it, and pages
+    /// torn by a power cut may leave the database unopenable.
     Flush,
     /// Return as soon as the write is in memory; a background flush (with
-    /// fdatasync) runs every period. A crash may lose the writes of the last
-    /// period, never corrupts.
+    /// fdatasync) runs every period. A process crash may lose the writes of
+    /// the last period; under power loss it is no safer than `Flush`.
     Periodic(Duration),
 }
 
