@@ -162,6 +162,11 @@ fn power_cuts(mode: &str, model: Model, cuts: u64) -> Result<Option<Tally>, BoxE
         // A fresh database often: the first open in a new directory, and
         // cuts right after it, are where creation must already be durable.
         if cut > 0 && (on_db >= CUTS_PER_DATABASE || rng.below(4) == 0) {
+            // The file system holds every file in memory: drop the old
+            // database for good (its removal made durable) before the new
+            // one exists, so this sync cannot make the new one durable.
+            std::fs::remove_dir_all(&path)?;
+            std::fs::File::open(fs.path())?.sync_all()?;
             db += 1;
             (on_db, max_token, tokens) = (0, 0, Tokens::default());
             path = fs.path().join(format!("db{db}"));
