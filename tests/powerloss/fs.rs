@@ -146,21 +146,15 @@ impl FileData {
         }
     }
 
-    /// Pages whose live and durable bytes differ.
+    /// Pages whose live and durable bytes differ (a page that one of the
+    /// two ends inside differs unless both end at the same place).
     fn differing(&self) -> Vec<usize> {
         let len = self.live.len().max(self.durable.len());
+        fn page(v: &[u8], p: usize) -> &[u8] {
+            &v[(p * PAGE).min(v.len())..((p + 1) * PAGE).min(v.len())]
+        }
         (0..len.div_ceil(PAGE))
-            .filter(|page| {
-                let range = |v: &Vec<u8>| {
-                    let start = (page * PAGE).min(v.len());
-                    v[start..((page + 1) * PAGE).min(v.len())].to_vec()
-                };
-                let (mut a, mut b) = (range(&self.live), range(&self.durable));
-                let width = a.len().max(b.len());
-                a.resize(width, 0);
-                b.resize(width, 0);
-                a != b || self.live.len() != self.durable.len()
-            })
+            .filter(|&p| page(&self.live, p) != page(&self.durable, p))
             .collect()
     }
 
