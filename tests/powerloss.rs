@@ -57,8 +57,8 @@ use std::time::{Duration, Instant};
 use common::{TestResult, id};
 use fs::{CutReport, Fault, Model, PowerLossFs};
 use harness::{
-    Failure, KillAt, LEASE_TTL, Policy, Problem, Rng, Verified, parse, run_child, seed_from_env,
-    verify,
+    Failure, KillAt, LEASE_TTL, Policy, Problem, Rng, Verified, parse, run_child_timed,
+    seed_from_env, verify,
 };
 use sled_idempotency::{ClaimResult, Durability, Lease, SledIdempotencyStore, State};
 
@@ -158,6 +158,7 @@ fn power_cuts(mode: &str, model: Model, cuts: u64) -> Result<Option<Tally>, BoxE
     let (mut tally, started) = (Tally::default(), Instant::now());
     let (mut db, mut on_db, mut max_token, mut tokens) = (0, 0, 0, Tokens::default());
     let mut path = fs.path().join("db0");
+    let mut opening_us = 50_000;
     for cut in 0..cuts {
         // A fresh database often: the first open in a new directory, and
         // cuts right after it, are where creation must already be durable.
@@ -176,7 +177,8 @@ fn power_cuts(mode: &str, model: Model, cuts: u64) -> Result<Option<Tally>, BoxE
         }
         on_db += 1;
         let at = match rng.below(10) {
-            0..2 => KillAt::AfterSpawn(Duration::from_millis(rng.below(150))),
+            // While opening: before the child's usual time to ready.
+            0..2 => KillAt::AfterSpawn(Duration::from_micros(rng.below(opening_us + 1))),
             2..6 => KillAt::AfterReady(Duration::from_millis(rng.below(6))),
             _ => KillAt::AfterReady(Duration::from_millis(5 + rng.below(300))),
         };
@@ -191,8 +193,13 @@ fn power_cuts(mode: &str, model: Model, cuts: u64) -> Result<Option<Tally>, BoxE
              kill {at:?}, cut seed {cut_seed})",
             path.display()
         );
-        let lines =
-            run_child(mode, child_seed, &path, at).map_err(|e| format!("{context}: {e}"))?;
+        let (lines, ready_after) =
+            run_child_timed(mode, child_seed, &path, at).map_err(|e| format!("{context}: {e}"))?;
+        if let Some(after) = ready_after {
+            // Follow the time to ready, which a fresh database, debug or
+            // release builds and the machine's load all change.
+            opening_us = (opening_us * 3 + after.as_micros() as u64) / 4;
+        }
         let report = fs.cut(model, cut_seed)?;
         tally.cuts += 1;
         tally.before_ready += u64::from(!lines.iter().any(|l| l.ends_with("ready")));

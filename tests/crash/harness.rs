@@ -202,6 +202,18 @@ pub enum KillAt {
 
 /// Runs one child until killed; returns its whole output lines.
 pub fn run_child(mode: &str, seed: u64, path: &Path, at: KillAt) -> Result<Vec<String>, String> {
+    run_child_timed(mode, seed, path, at).map(|(lines, _)| lines)
+}
+
+/// Like `run_child`, also returning how long after its start the child
+/// was ready, if it got there.
+pub fn run_child_timed(
+    mode: &str,
+    seed: u64,
+    path: &Path,
+    at: KillAt,
+) -> Result<(Vec<String>, Option<Duration>), String> {
+    let started = std::time::Instant::now();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args([
@@ -227,19 +239,23 @@ pub fn run_child(mode: &str, seed: u64, path: &Path, at: KillAt) -> Result<Vec<S
                 // libtest prints "test harness::crash_child ... " on the
                 // same line.
                 if line.ends_with("ready") {
-                    let _ = ready_tx.send(());
+                    let _ = ready_tx.send(started.elapsed());
                 }
                 lines.lock().map(|mut l| l.push(line)).ok();
             }
         })
     };
+    let mut ready_after = None;
     let ready = match at {
         KillAt::AfterReady(delay) => {
             let ready = ready_rx.recv_timeout(Duration::from_secs(120));
-            if ready.is_ok() {
+            if let Ok(after) = ready {
+                ready_after = Some(after);
                 std::thread::sleep(delay);
             }
-            ready.map_err(|_| "the child never became ready".to_owned())
+            ready
+                .map(|_| ())
+                .map_err(|_| "the child never became ready".to_owned())
         }
         KillAt::AfterSpawn(delay) => {
             std::thread::sleep(delay);
@@ -253,7 +269,7 @@ pub fn run_child(mode: &str, seed: u64, path: &Path, at: KillAt) -> Result<Vec<S
     let _ = reader.join();
     ready?;
     let lines = lines.lock().map_err(|_| "poisoned")?.clone();
-    Ok(lines)
+    Ok((lines, ready_after.or_else(|| ready_rx.try_iter().next())))
 }
 
 /// What the recovered record says about one acknowledged operation.
