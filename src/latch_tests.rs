@@ -29,7 +29,6 @@ fn is_latched<T: std::fmt::Debug>(result: &Result<T>) -> bool {
 async fn open(path: &std::path::Path, durability: Durability) -> Result<SledIdempotencyStore> {
     SledIdempotencyStore::builder(path)
         .durability(durability)
-        .durability_timeout(Duration::from_millis(300))
         .open()
         .await
 }
@@ -113,7 +112,10 @@ async fn a_failed_sync_latches_the_store_in_every_mode() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_flush_times_out_and_latches() -> Result<()> {
     let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
-    let store = open(&dir.path().join("db"), Durability::Sync).await?;
+    let store = SledIdempotencyStore::builder(dir.path().join("db"))
+        .durability_timeout(Duration::from_millis(300))
+        .open()
+        .await?;
     store
         .flusher_inject(Fault::Stall(Duration::from_secs(2)))
         .await?;
