@@ -1167,6 +1167,12 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
             ));
         }
     }
+    // The directories sled is about to create (the database's and any
+    // missing ancestors): each one's entry in its parent must be synced.
+    let created: Vec<&Path> = path
+        .ancestors()
+        .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+        .collect();
     let db = sled::Config::new()
         .path(path)
         .cache_capacity(cache_capacity)
@@ -1197,7 +1203,7 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
     // database reopens from no snapshot at all after its log segments were
     // reused, empty and without an error. Make them durable before the first
     // write of this open.
-    sync_directories(path)?;
+    sync_directories(path, &created)?;
     let meta = db
         .open_tree(META_TREE)
         .map_err(Error::storage("opening the metadata tree"))?;
@@ -1263,17 +1269,22 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
 }
 
 /// fsyncs sled's configuration file, the database directory, its `blobs`
-/// directory and the directory that holds it.
-fn sync_directories(path: &Path) -> Result<()> {
+/// directory, the directory that holds it, and the parent of every
+/// directory in `created`.
+fn sync_directories(path: &Path, created: &[&Path]) -> Result<()> {
     let sync = |p: &Path| File::open(p).and_then(|f| f.sync_all());
+    let parent = |p: &Path| match p.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     sync(&path.join("conf")).map_err(Error::io("syncing the database configuration file"))?;
     sync(&path.join("blobs")).map_err(Error::io("syncing the database's blobs directory"))?;
     sync(path).map_err(Error::io("syncing the database directory"))?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    sync(parent).map_err(Error::io("syncing the directory that holds the database"))
+    sync(&parent(path)).map_err(Error::io("syncing the directory that holds the database"))?;
+    for dir in created.iter().skip(1) {
+        sync(&parent(dir)).map_err(Error::io("syncing the parent of a new directory"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, id};
-use sled_idempotency::{ClaimOutcome, DEFAULT_PENDING_RETENTION, Durability};
+use sled_idempotency::{ClaimOutcome, ClaimResult, DEFAULT_PENDING_RETENTION, Durability, Error};
 
 #[tokio::test]
 async fn sweep_removes_expired_records_only() -> TestResult {
@@ -243,4 +243,39 @@ async fn the_sweeper_stops_when_the_store_is_dropped() -> TestResult {
 #[tokio::test]
 async fn the_sweeper_stops_when_the_store_is_closed() -> TestResult {
     sweeper_stops(true).await
+}
+
+/// Regression: an expired pending claim counted as held only until the
+/// sweeper removed it. Before a sweep, completing the expired lease worked
+/// and the next claim was attempt 2; after a sweep the same calls gave
+/// `LeaseLost` and attempt 1, so the poison-message counter reset whenever
+/// a sweep fell between two redeliveries (with the default 60 s interval,
+/// almost always). Now the answers are the same either way.
+#[tokio::test]
+async fn regression_expired_claims_answer_the_same_whether_or_not_swept() -> TestResult {
+    let mut answers = Vec::new();
+    for sweep in [false, true] {
+        let fx = Fixture::new();
+        let store = fx.open().await?;
+        let lease = |r: ClaimResult| r.lease().cloned().ok_or("not acquired");
+        // A handler that died: its claim expires, a redelivery takes over.
+        let first = lease(store.claim(&id(1), TTL).await?)?;
+        fx.advance(TTL);
+        if sweep {
+            store.sweep_expired().await?;
+        }
+        let second = lease(store.claim(&id(1), TTL).await?)?;
+        // A stalled handler finishing after its claim expired.
+        let stalled = lease(store.claim(&id(2), TTL).await?)?;
+        fx.advance(TTL);
+        if sweep {
+            store.sweep_expired().await?;
+        }
+        let late = store.complete(&stalled).await.is_ok();
+        let lost = matches!(store.complete(&first).await, Err(Error::LeaseLost { .. }));
+        answers.push((second.attempt(), late, lost));
+    }
+    assert_eq!(answers[0], (2, true, true), "without a sweep");
+    assert_eq!(answers[1], answers[0], "a sweep changed the answers");
+    Ok(())
 }

@@ -75,7 +75,8 @@ fn main() {
         match section {
             "sweep" => println!("{}", measure::sweep_impact(&settings)),
             "space" => println!("{}", measure::space_and_reopen(&settings)),
-            other => eprintln!("unknown section {other}: use sweep or space"),
+            "scans" => println!("{}", measure::scans(&settings)),
+            other => eprintln!("unknown section {other}: use sweep, space or scans"),
         }
         return;
     }

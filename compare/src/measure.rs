@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sled_idempotency::{Durability, ManualClock, MessageId, SledIdempotencyStore};
+use sled_idempotency::{Durability, ManualClock, MessageId, SledIdempotencyStore, State};
 
 use crate::Settings;
 use crate::engines::raw_sled;
@@ -392,4 +392,117 @@ pub fn peak_rss_child(args: &[String]) {
         })
         .unwrap_or_default();
     println!("{hwm}");
+}
+
+/// The longest a 1 ms ticker task on the same current-thread runtime was
+/// late while `work` ran, and how long `work` took: how much an inspection
+/// call holds up the other tasks of the runtime it is awaited on.
+async fn stall_during<F: std::future::Future<Output = ()>>(work: F) -> (Duration, Duration) {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let start = Instant::now();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                worst = worst.max(start.elapsed().saturating_sub(Duration::from_millis(1)));
+            }
+            worst
+        })
+    };
+    tokio::task::yield_now().await; // let the ticker start
+    let start = Instant::now();
+    work.await;
+    let took = start.elapsed();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    (ticker.await.expect("ticker"), took)
+}
+
+/// `list` and `stats` on a namespace of `settings.big` done records and 10
+/// pending ones (the newest keys): each call's latency (median of 5) and
+/// the worst lateness of a 1 ms ticker on the same current-thread runtime.
+pub fn scans(settings: &Settings) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_800_000_000_000);
+    let big = settings.big;
+    let rows = rt.block_on(async {
+        let store = fill(
+            &dir.path().join("db"),
+            &clock,
+            big,
+            Duration::from_secs(3600),
+        )
+        .await;
+        for n in 0..big {
+            store.mark_done(&key(n)).await.expect("done");
+        }
+        for n in big..big + 10 {
+            store
+                .try_claim(&key(n), Duration::from_secs(3600))
+                .await
+                .expect("claim");
+        }
+        let mut rows = Vec::new();
+        type Call<'a> =
+            Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>> + 'a>;
+        let calls: Vec<(&str, Call)> = vec![
+            (
+                "list(Some(Pending), None, 10)",
+                Box::new(|| {
+                    Box::pin(async {
+                        let page = store
+                            .list(Some(State::Pending), None, 10)
+                            .await
+                            .expect("list");
+                        assert_eq!(page.len(), 10);
+                    })
+                }),
+            ),
+            (
+                "list(None, None, 100)",
+                Box::new(|| {
+                    Box::pin(async {
+                        store.list(None, None, 100).await.expect("list");
+                    })
+                }),
+            ),
+            (
+                "stats()",
+                Box::new(|| {
+                    Box::pin(async {
+                        let stats = store.stats().await.expect("stats");
+                        assert_eq!(stats.live_pending, 10);
+                    })
+                }),
+            ),
+        ];
+        for (name, call) in &calls {
+            let mut took = Vec::new();
+            let mut stalls = Vec::new();
+            for _ in 0..5 {
+                let (stall, t) = stall_during(call()).await;
+                took.push(t);
+                stalls.push(stall);
+            }
+            rows.push((
+                name.to_string(),
+                median(took),
+                stalls.into_iter().max().unwrap_or_default(),
+            ));
+        }
+        store.close().await.expect("close");
+        rows
+    });
+    let mut out = format!(
+        "Inspection on {big} done and 10 pending records (current-thread runtime):\n\n| call | latency (median of 5) | worst lateness of a 1 ms ticker on the same runtime |\n|---|---:|---:|\n"
+    );
+    for (name, took, stall) in rows {
+        out.push_str(&format!("| `{name}` | {took:.2?} | {stall:.2?} |\n"));
+    }
+    out
 }
