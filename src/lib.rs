@@ -11,6 +11,7 @@ mod flusher;
 mod latch_tests;
 mod lease;
 pub mod machine;
+mod pending;
 mod record;
 mod stats;
 mod store;

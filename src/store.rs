@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::flusher::{Flusher, Syncer};
 use crate::lease::{ClaimResult, Lease};
 use crate::machine::{self, Claim, Complete, Done, Release, Retention};
+use crate::pending::PendingIndex;
 use crate::record::{MAX_FINGERPRINT_LEN, Record, State};
 use crate::stats::{Counters, Stats};
 use crate::sweeper::{self, SweepReport};
@@ -61,6 +62,7 @@ pub(crate) struct Space {
     index: usize,
     name: Arc<str>,
     counters: Counters,
+    pending: PendingIndex,
 }
 
 impl Space {
@@ -69,6 +71,7 @@ impl Space {
             index,
             name: name.into(),
             counters: Counters::default(),
+            pending: PendingIndex::default(),
         })
     }
 }
@@ -148,7 +151,7 @@ enum Acquired {
 /// What one step of a read-decide-swap loop does.
 enum Step<T> {
     Keep(T),
-    Put(Vec<u8>, T),
+    Put(Record, T),
     Remove(T),
 }
 
@@ -399,6 +402,7 @@ impl SledIdempotencyStore {
                     .map_err(Error::storage("reading a record"))?;
                 continue; // expired and taken over while re-stamping: start again
             };
+            self.space.pending.claimed(&bytes);
             open.flusher.write_completed().await?;
             Counters::bump(&counters.claims);
             tracing::debug!(key = %key, namespace = %self.space.name, token, attempts, "claimed");
@@ -471,7 +475,7 @@ impl SledIdempotencyStore {
             .update(key, |current, now| {
                 Ok(match machine::done(current, now, retention) {
                     Done::AlreadyDone => Step::Keep(None),
-                    Done::Write { record, late } => Step::Put(record.encode(), Some(late)),
+                    Done::Write { record, late } => Step::Put(record, Some(late)),
                 })
             })
             .await?;
@@ -534,7 +538,7 @@ impl SledIdempotencyStore {
             .leased(lease, |current, now| {
                 let completed = machine::complete(current, lease.token, now, retention, result);
                 Ok(match completed.map_err(|holds| lease.lost(holds))? {
-                    Complete::Write(record) => Step::Put(record.encode(), true),
+                    Complete::Write(record) => Step::Put(record, true),
                     Complete::AlreadyCompleted => Step::Keep(false),
                     Complete::DifferentResult => {
                         return Err(Error::DifferentResult {
@@ -581,7 +585,7 @@ impl SledIdempotencyStore {
                 let rules = self.inner.retention;
                 let record = machine::extend(current, lease.token, now, rules, expires_at)
                     .map_err(|holds| lease.lost(holds))?;
-                Ok(Step::Put(record.encode(), expires_at))
+                Ok(Step::Put(record, expires_at))
             })
             .await?;
         tracing::debug!(key = %lease.key, namespace = %self.space.name, token = lease.token, expires_at, "lease extended");
@@ -626,19 +630,33 @@ impl SledIdempotencyStore {
         let mut current = tree.get(key).map_err(Error::storage("reading a record"))?;
         let out = loop {
             let record = decode_at(&key, current.as_deref())?;
-            let (swapped, out) = match decide(record.as_ref(), self.inner.clock.now_millis())? {
-                Step::Keep(out) => break out,
-                Step::Put(bytes, out) => (cas(tree, &key, current.as_deref(), Some(bytes))?, out),
-                Step::Remove(out) => match (current.as_deref(), &record) {
-                    (Some(old), Some(r)) => {
-                        let removed_tokens = &self.inner.removed_tokens;
-                        (remove(tree, &key, old, r.token, removed_tokens)?, out)
+            let (swapped, out, still_pending) =
+                match decide(record.as_ref(), self.inner.clock.now_millis())? {
+                    Step::Keep(out) => break out,
+                    Step::Put(new, out) => {
+                        let pending = new.state == State::Pending;
+                        let swapped = cas(tree, &key, current.as_deref(), Some(new.encode()))?;
+                        (swapped, out, pending)
                     }
-                    _ => break out, // nothing stored: nothing to remove
-                },
-            };
+                    Step::Remove(out) => match (current.as_deref(), &record) {
+                        (Some(old), Some(r)) => {
+                            let removed_tokens = &self.inner.removed_tokens;
+                            (
+                                remove(tree, &key, old, r.token, removed_tokens)?,
+                                out,
+                                false,
+                            )
+                        }
+                        _ => break out, // nothing stored: nothing to remove
+                    },
+                };
             match swapped {
-                Ok(()) => break out,
+                Ok(()) => {
+                    if !still_pending {
+                        self.space.pending.ended(tree, &key);
+                    }
+                    break out;
+                }
                 Err(found) => current = found,
             }
         };
@@ -694,9 +712,11 @@ impl SledIdempotencyStore {
     /// Up to `limit` live records of this namespace in key order (UUIDv7 ids
     /// sort by time), starting after `after`, optionally only those in
     /// `state`. Page through with the last key returned. Corrupted values
-    /// are skipped (and logged). The scan runs on a blocking thread; it
-    /// reads records until the page is full, so a page of a rare state
-    /// reads every record between two matches.
+    /// are skipped (and logged). The scan runs on a blocking thread. A
+    /// listing of pending records reads only the keys of an in-memory index
+    /// of pending keys, built by the first such call with one scan of the
+    /// namespace and kept up to date by writers from then on; other
+    /// listings read records in key order until the page is full.
     pub async fn list(
         &self,
         state: Option<State>,
@@ -704,13 +724,25 @@ impl SledIdempotencyStore {
         limit: usize,
     ) -> Result<Vec<(MessageId, Record)>> {
         let now = self.inner.clock.now_millis();
+        let after = after.map(key_bytes);
         let start = after.map(|k| {
-            let mut next = key_bytes(k).to_vec();
+            let mut next = k.to_vec();
             next.push(0);
             next
         });
+        let space = self.space.clone();
         self.scan(move |_, tree| {
             let mut out = Vec::new();
+            if state == Some(State::Pending) {
+                space.pending.page(tree, after, limit, |key, r| {
+                    let live = r.is_live(now);
+                    if live {
+                        out.push((MessageId::from_uuid(uuid::Uuid::from_bytes(key)), r));
+                    }
+                    live
+                })?;
+                return Ok(out);
+            }
             for entry in tree.range(start.unwrap_or_default()..) {
                 if out.len() >= limit {
                     break;
@@ -952,6 +984,11 @@ impl Inner {
                     sweeper::scan(tree, &cursor.from, cursor.end.as_deref(), size, now, rules)?;
                 let mut report = scan.report;
                 report.removed = sweeper::remove_unchanged(tree, &scan.expired, &removed_tokens)?;
+                for (key, _, _) in &scan.expired {
+                    if let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
+                        space.pending.ended(tree, &key);
+                    }
+                }
                 space
                     .counters
                     .swept

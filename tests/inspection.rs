@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, id};
-use sled_idempotency::{ClaimResult, Durability, State, Stats};
+use sled_idempotency::{ClaimResult, Durability, MessageId, Record, State, Stats};
 
 #[tokio::test]
 async fn get_shows_live_records_only() -> TestResult {
@@ -160,5 +160,64 @@ async fn concurrent_sync_writers_share_flushes() -> TestResult {
         flushes <= 32,
         "64 writers needed {flushes} flushes: group commit is not grouping"
     );
+    Ok(())
+}
+
+/// `list(Some(Pending), ..)` answers from an index of pending keys, built
+/// by its first call while writers run. Writers claim, complete and abandon
+/// while pages are listed; afterwards every listing equals a full listing
+/// filtered by state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pending_records_matches_a_full_scan_under_concurrent_writes() -> TestResult {
+    let fx = Fixture::new();
+    let store = fx
+        .open_with(Durability::Periodic(Duration::from_secs(3600)))
+        .await?;
+    let writers: Vec<_> = (0..4u128)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for n in 0..2_000u128 {
+                    let key = id((n * 7 + w * 13) % 500);
+                    if let ClaimResult::Acquired(lease) = store.claim(&key, TTL).await? {
+                        match n % 3 {
+                            0 => store.complete(&lease).await?,
+                            1 => store.abandon(&lease).await?,
+                            _ => {}
+                        }
+                    }
+                }
+                Ok::<_, sled_idempotency::Error>(())
+            })
+        })
+        .collect();
+    let mut listings = 0;
+    while writers.iter().any(|w| !w.is_finished()) {
+        store.list(Some(State::Pending), None, 50).await?;
+        listings += 1;
+        tokio::task::yield_now().await;
+    }
+    for writer in writers {
+        writer.await??;
+    }
+    let mut expected = store.list(None, None, usize::MAX).await?;
+    expected.retain(|(_, r)| r.state == State::Pending);
+    assert!(!expected.is_empty());
+    assert_eq!(
+        store.list(Some(State::Pending), None, usize::MAX).await?,
+        expected
+    );
+    let mut paged: Vec<(MessageId, Record)> = Vec::new();
+    loop {
+        let after = paged.last().map(|(k, _)| k.clone());
+        let page = store.list(Some(State::Pending), after.as_ref(), 7).await?;
+        if page.is_empty() {
+            break;
+        }
+        paged.extend(page);
+    }
+    assert_eq!(paged, expected);
+    assert!(listings > 0);
+    store.close().await?;
     Ok(())
 }

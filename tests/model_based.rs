@@ -28,6 +28,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<u8>(), ttl).prop_map(|(slot, ttl)| Op::Extend { slot, ttl }),
         4 => (0..300u16).prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Sweep),
+        1 => Just(Op::List),
         1 => Just(Op::CloseReopen),
         1 => Just(Op::DropReopen),
     ]
