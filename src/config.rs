@@ -25,6 +25,9 @@ pub const DEFAULT_PENDING_RETENTION: Duration = Duration::from_secs(24 * 60 * 60
 /// [`Error::DurabilityTimeout`] and the store latches (the write's fate is
 /// unknown).
 pub const DEFAULT_DURABILITY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `durability_timeout` and `sweep_interval` accepted: 100 years
+/// (a wait the monotonic clock can always represent; "never" in practice).
+pub const MAX_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 /// Default period of the expiry sweeper: 60 seconds.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Default number of records the sweeper inspects before it pauses: 64.
@@ -140,7 +143,7 @@ impl Builder {
     }
 
     /// Longest wait of a write for its flush (and of `close` for the final
-    /// flush). Default [`DEFAULT_DURABILITY_TIMEOUT`].
+    /// flush). Default [`DEFAULT_DURABILITY_TIMEOUT`]; at most [`MAX_WAIT`].
     #[must_use]
     pub fn durability_timeout(mut self, timeout: Duration) -> Self {
         self.durability_timeout = timeout;
@@ -148,7 +151,7 @@ impl Builder {
     }
 
     /// Period of the background expiry sweeper. Default
-    /// [`DEFAULT_SWEEP_INTERVAL`].
+    /// [`DEFAULT_SWEEP_INTERVAL`]; at most [`MAX_WAIT`].
     #[must_use]
     pub fn sweep_interval(mut self, interval: Duration) -> Self {
         self.sweep_interval = interval;
@@ -207,6 +210,21 @@ impl Builder {
             return Err(Error::InvalidConfig(
                 "durability_timeout must be greater than zero".into(),
             ));
+        }
+        // Durations the store adds to the monotonic clock must fit it.
+        let now = std::time::Instant::now();
+        for (name, d) in [
+            (
+                "durability_timeout",
+                self.durability_timeout.saturating_mul(2),
+            ),
+            ("sweep_interval", self.sweep_interval),
+        ] {
+            if d > MAX_WAIT || now.checked_add(d).is_none() {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} {d:?} is too long; at most {MAX_WAIT:?} is supported"
+                )));
+            }
         }
         if self.sweep_interval.is_zero() {
             return Err(Error::InvalidConfig(

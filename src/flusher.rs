@@ -198,6 +198,11 @@ impl Flusher {
         })
     }
 
+    /// Latches the store with `cause` (a failed write, say).
+    pub(crate) fn fail(&self, cause: &str) {
+        self.shared.fail(cause);
+    }
+
     /// Fails with [`Error::PreviousIo`] once the store is latched. Every
     /// operation that may write calls it before writing.
     pub(crate) fn check(&self) -> Result<()> {

@@ -22,7 +22,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     Builder, DEFAULT_CACHE_CAPACITY, DEFAULT_DURABILITY, DEFAULT_DURABILITY_TIMEOUT,
     DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_SWEEP_BATCH,
-    DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability,
+    DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability, MAX_WAIT,
 };
 pub use error::{Error, Result};
 pub use lease::{ClaimResult, Lease};

@@ -164,8 +164,11 @@ impl PendingIndex {
         }
         // Claims that landed during the scan inserted their keys already;
         // a key the scan saw pending and whose claim ended since is stale.
+        // Those few keys move into the scan's set, not the other way round,
+        // so the lock is held for what changed during the scan only.
         if let Some(keys) = lock(&self.keys).as_mut() {
-            keys.extend(found);
+            found.extend(std::mem::take(keys));
+            *keys = found;
         }
         self.ready.store(true, Ordering::SeqCst);
         Ok(())

@@ -50,10 +50,31 @@ const MAX_NAMESPACE_LEN: usize = 64;
 /// flusher. Handles are cheap to clone. [`close`](Self::close) on any handle
 /// closes the database for all of them; dropping the last handle without
 /// `close` stops the sweeper and flushes, but cannot report errors.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SledIdempotencyStore {
     inner: Arc<Inner>,
     space: Arc<Space>,
+}
+
+impl Clone for SledIdempotencyStore {
+    fn clone(&self) -> Self {
+        self.with_space(self.space.clone())
+    }
+}
+
+impl Drop for SledIdempotencyStore {
+    /// The last handle going marks the database as being released at once,
+    /// on the dropping thread, so that an `open` of it in this process that
+    /// follows waits for the release, even while a background task (the
+    /// sweeper between two batches) still holds the store for a moment.
+    fn drop(&mut self) {
+        if self.inner.handles.fetch_sub(1, Ordering::SeqCst) == 1
+            && !self.inner.closing.load(Ordering::SeqCst)
+        {
+            releasing(&self.inner.canonical, true);
+            self.inner.released_by_drop.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 /// One namespace: its position among the open trees, its name, its counters.
@@ -98,6 +119,10 @@ pub(crate) struct Inner {
     sweeper: Mutex<Option<JoinHandle<()>>>,
     /// Set by the first `close`; later calls wait for its outcome.
     closing: AtomicBool,
+    /// Public handles alive; the last one dropped marks the release.
+    handles: AtomicU64,
+    /// The last handle was dropped without `close`: `Drop` releases.
+    released_by_drop: AtomicBool,
     closed: watch::Sender<Option<Closed>>,
 }
 
@@ -135,6 +160,17 @@ struct Open {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     flusher: Flusher,
+}
+
+impl Open {
+    /// A failed sled write latches the store as a failed flush does: sled
+    /// keeps its error, and its log may now have a hole.
+    fn latch_on<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.flusher.fail(&e.to_string());
+        }
+        result
+    }
 }
 
 /// What a claim got: a lease (built into a [`Lease`] only for the lease
@@ -233,6 +269,8 @@ impl SledIdempotencyStore {
             stop,
             sweeper: Mutex::new(None),
             closing: AtomicBool::new(false),
+            handles: AtomicU64::new(1),
+            released_by_drop: AtomicBool::new(false),
             closed: watch::channel(None).0,
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
@@ -294,6 +332,7 @@ impl SledIdempotencyStore {
     }
 
     fn with_space(&self, space: Arc<Space>) -> SledIdempotencyStore {
+        self.inner.handles.fetch_add(1, Ordering::SeqCst);
         SledIdempotencyStore {
             inner: self.inner.clone(),
             space,
@@ -379,9 +418,9 @@ impl SledIdempotencyStore {
                 Claim::Take { attempts } => attempts,
                 found => return Ok(Acquired::Not(self.duplicate(key, &found, record))),
             };
-            let token = next_token(&open.db)?;
+            let token = open.latch_on(next_token(&open.db))?;
             let record = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint);
-            match cas(tree, &bytes, current.as_deref(), Some(record.encode()))? {
+            match open.latch_on(cas(tree, &bytes, current.as_deref(), Some(record.encode())))? {
                 Ok(()) => {}
                 Err(found) => {
                     current = found;
@@ -459,8 +498,11 @@ impl SledIdempotencyStore {
         }
         while self.inner.removed_tokens.load(Ordering::SeqCst) >= record.token {
             let old = record.encode();
-            record.token = next_token(&open.db)?;
-            if cas(tree, key, Some(&old), Some(record.encode()))?.is_err() {
+            record.token = open.latch_on(next_token(&open.db))?;
+            if open
+                .latch_on(cas(tree, key, Some(&old), Some(record.encode())))?
+                .is_err()
+            {
                 return Ok(None);
             }
         }
@@ -635,14 +677,15 @@ impl SledIdempotencyStore {
                     Step::Keep(out) => break out,
                     Step::Put(new, out) => {
                         let pending = new.state == State::Pending;
-                        let swapped = cas(tree, &key, current.as_deref(), Some(new.encode()))?;
+                        let new = Some(new.encode());
+                        let swapped = open.latch_on(cas(tree, &key, current.as_deref(), new))?;
                         (swapped, out, pending)
                     }
                     Step::Remove(out) => match (current.as_deref(), &record) {
                         (Some(old), Some(r)) => {
                             let removed_tokens = &self.inner.removed_tokens;
                             (
-                                remove(tree, &key, old, r.token, removed_tokens)?,
+                                open.latch_on(remove(tree, &key, old, r.token, removed_tokens))?,
                                 out,
                                 false,
                             )
@@ -872,30 +915,55 @@ impl Drop for Inner {
     /// until sled's threads let go of the directory lock. An `open` of the
     /// same directory in this process waits for that release.
     fn drop(&mut self) {
-        if self.closing.load(Ordering::SeqCst) {
+        if !self.released_by_drop.load(Ordering::SeqCst) {
             return; // `close` released it
         }
         let _ = self.stop.send(true);
         let state = self.state.clone();
-        let (path, key) = (self.path.clone(), self.canonical.clone());
-        releasing(&key, true);
+        let path = self.path.clone();
+        let released = Released(self.canonical.clone());
         let release = move || {
-            if let Some(mut open) = state.blocking_write().take() {
-                if let Err(e) = open.flusher.shutdown() {
-                    tracing::error!(error = %e, "final flush after the last handle was dropped failed");
-                }
-                drop(open);
-                wait_for_lock_release(&path);
+            let _released = released; // deregisters even if sled panics
+            if let Some(open) = state.blocking_write().take()
+                && let Err(e) = release(open, &path)
+            {
+                tracing::error!(error = %e, "final flush after the last handle was dropped failed");
             }
-            releasing(&key, false);
         };
-        let spawned = std::thread::Builder::new()
+        if let Err(e) = std::thread::Builder::new()
             .name("sled-idempotency-release".into())
-            .spawn(release);
-        if let Err(e) = spawned {
+            .spawn(release)
+        {
+            // The closure (and its `Released`) is dropped with the error.
             tracing::error!(error = %e, "could not start the thread that releases a dropped store");
-            releasing(&self.canonical, false);
         }
+    }
+}
+
+/// Deregisters a database from `RELEASING` when dropped.
+struct Released(PathBuf);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        releasing(&self.0, false);
+    }
+}
+
+/// Stops the flusher after a final flush (unless latched), drops sled and
+/// waits (bounded) for its threads to let go of the directory lock.
+/// Blocking. sled 0.34 unwraps an fsync in its own `Drop`, which panics on a
+/// failing disk: that panic is caught here, and the failure that latched the
+/// store is what the caller sees.
+fn release(mut open: Open, path: &Path) -> Result<()> {
+    let flushed = open.flusher.shutdown();
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(open)));
+    wait_for_lock_release(path);
+    match (flushed, dropped) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
+        (Ok(()), Err(_)) => Err(Error::PreviousIo {
+            cause: "sled panicked while closing the database".into(),
+        }),
     }
 }
 
@@ -921,16 +989,11 @@ impl Inner {
             // cancelled with its runtime, which leaves nothing to wait for.
             let _ = task.await;
         }
-        let Some(mut open) = self.state.write().await.take() else {
+        let Some(open) = self.state.write().await.take() else {
             return Ok(());
         };
         let path = self.path.clone();
-        let release = tokio::task::spawn_blocking(move || {
-            let flushed = open.flusher.shutdown();
-            drop(open);
-            wait_for_lock_release(&path);
-            flushed
-        });
+        let release = tokio::task::spawn_blocking(move || release(open, &path));
         match tokio::time::timeout(self.durability_timeout + LOCK_RELEASE_WAIT, release).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => Err(Error::PreviousIo {
@@ -983,7 +1046,11 @@ impl Inner {
                 let scan =
                     sweeper::scan(tree, &cursor.from, cursor.end.as_deref(), size, now, rules)?;
                 let mut report = scan.report;
-                report.removed = sweeper::remove_unchanged(tree, &scan.expired, &removed_tokens)?;
+                report.removed = open.latch_on(sweeper::remove_unchanged(
+                    tree,
+                    &scan.expired,
+                    &removed_tokens,
+                ))?;
                 for (key, _, _) in &scan.expired {
                     if let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
                         space.pending.ended(tree, &key);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, id, open_at};
 use sled_idempotency::{
-    ClaimOutcome::*, DEFAULT_PENDING_RETENTION, Durability, Error, FORMAT_VERSION,
+    ClaimOutcome::*, DEFAULT_PENDING_RETENTION, Durability, Error, FORMAT_VERSION, MAX_WAIT,
     SledIdempotencyStore,
 };
 
@@ -269,6 +269,11 @@ async fn invalid_builder_settings_are_refused() -> TestResult {
         SledIdempotencyStore::builder(fx.path()).done_retention(Duration::from_micros(10)),
         SledIdempotencyStore::builder(fx.path()).sweep_batch(0),
         SledIdempotencyStore::builder(fx.path()).durability(Durability::Periodic(Duration::ZERO)),
+        SledIdempotencyStore::builder(fx.path()).durability_timeout(Duration::ZERO),
+        // Regression: these overflowed the monotonic clock and panicked.
+        SledIdempotencyStore::builder(fx.path()).durability_timeout(Duration::MAX),
+        SledIdempotencyStore::builder(fx.path()).sweep_interval(Duration::MAX),
+        SledIdempotencyStore::builder(fx.path()).sweep_interval(MAX_WAIT + Duration::from_secs(1)),
     ];
     for builder in cases {
         let err = builder.open().await.expect_err("invalid setting");

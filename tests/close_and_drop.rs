@@ -167,3 +167,32 @@ async fn a_cancelled_claim_leaves_a_pending_claim_that_expires() -> TestResult {
     store.close().await?;
     Ok(())
 }
+
+/// Regression: the sweeper upgrades its `Weak` for a moment per batch. A
+/// last handle dropped in that moment left the store's `Drop` to run later,
+/// on the sweeper's task, so an `open` right after the drop did not know to
+/// wait for the release and failed with `Locked` (5 of 3,000 reopens). The
+/// last handle now marks the release itself, on the dropping thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_while_the_sweeper_runs_does_not_make_a_reopen_fail() -> TestResult {
+    let fx = Fixture::new();
+    let open = || {
+        fx.builder()
+            .durability(Durability::Periodic(Duration::from_secs(3600)))
+            .sweep_interval(Duration::from_millis(1))
+            .open()
+    };
+    let mut store = open().await?;
+    for round in 0..1_000u32 {
+        tokio::time::sleep(Duration::from_millis(1)).await; // meet the sweeper's tick
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_micros(u64::from(round % 20)) {}
+        drop(store);
+        store = match open().await {
+            Ok(store) => store,
+            Err(e) => return Err(format!("round {round}: reopen after a drop: {e}").into()),
+        };
+    }
+    store.close().await?;
+    Ok(())
+}

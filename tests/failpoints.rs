@@ -86,13 +86,19 @@ async fn write_fails(durability: Durability, failpoint: &'static str, bitset: u6
         matches!(err, Error::PreviousIo { .. } | Error::Storage { .. }),
         "unexpected error kind: {err}"
     );
-    // The store latched (or sled kept its error): every later write fails
-    // at once, whatever the key, and so does `close`.
+    // The store latched: every later write fails at once with PreviousIo,
+    // whatever the key, and so does `close`.
     for k in [999, 1000] {
         match store.try_claim(&id(k), TTL).await {
-            Err(Error::PreviousIo { .. } | Error::Storage { .. }) => {}
+            Err(Error::PreviousIo { .. }) => {}
             other => return Err(format!("a claim after the fault returned {other:?}").into()),
         }
+    }
+    for result in [store.mark_done(&id(1)).await, store.release(&id(2)).await] {
+        assert!(
+            matches!(result, Err(Error::PreviousIo { .. })),
+            "{result:?}"
+        );
     }
     match store.close().await {
         Err(Error::PreviousIo { .. }) => {}

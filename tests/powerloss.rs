@@ -682,3 +682,70 @@ fn the_file_system_keeps_exactly_what_was_synced() -> TestResult {
     );
     Ok(())
 }
+
+/// Regression: on a disk whose fsyncs keep failing, sled 0.34 panics in its
+/// own `Drop` (it unwraps an fsync). After a drop the panic killed the
+/// thread releasing the database before it deregistered it, so every later
+/// `open` of the path in this process waited out the durability timeout;
+/// after `close` the panic replaced the cause that latched the store. Now
+/// the release catches it: `close` reports the fsync failure, and a reopen
+/// after a drop does not wait once the disk is healthy again.
+#[test]
+fn a_failing_disk_at_shutdown_is_reported_and_does_not_stall_a_reopen() -> TestResult {
+    let Some((_mountpoint, fs)) = mount()? else {
+        return Ok(());
+    };
+    let path = fs.path().join("db");
+    let timeout = Duration::from_secs(20);
+    let open = || {
+        SledIdempotencyStore::builder(&path)
+            .durability(Durability::Sync)
+            .durability_timeout(timeout)
+            .open()
+    };
+    let failing = || Fault {
+        nth: 1,
+        sticky: true,
+        name: Some("db".into()),
+    };
+    block_on(async {
+        for close in [true, false] {
+            let key = if close { 10 } else { 20 };
+            let store = open().await?;
+            store.try_claim(&id(key), LEASE_TTL).await?;
+            fs.set_fault(Some(failing()));
+            let claim = store.try_claim(&id(key + 1), LEASE_TTL).await;
+            assert!(
+                matches!(claim, Err(sled_idempotency::Error::PreviousIo { .. })),
+                "{claim:?}"
+            );
+            if close {
+                match store.close().await {
+                    Err(sled_idempotency::Error::PreviousIo { cause }) => {
+                        assert!(cause.contains("fdatasync"), "close reported {cause:?}");
+                    }
+                    other => return Err(format!("close returned {other:?}").into()),
+                }
+            } else {
+                drop(store);
+                std::thread::sleep(Duration::from_millis(500)); // the release runs
+            }
+            fs.set_fault(None);
+            let started = Instant::now();
+            let store = open().await?;
+            assert!(
+                started.elapsed() < timeout,
+                "the reopen waited {:?}",
+                started.elapsed()
+            );
+            assert_eq!(
+                store.try_claim(&id(key), LEASE_TTL).await?,
+                sled_idempotency::ClaimOutcome::AlreadyPending,
+                "acknowledged before the failure"
+            );
+            store.close().await?;
+        }
+        Ok::<_, BoxError>(())
+    })??;
+    Ok(())
+}
