@@ -54,6 +54,18 @@ fn config() -> ProptestConfig {
     }
 }
 
+/// Runs one case on a fresh current-thread runtime.
+fn run<T>(case: impl std::future::Future<Output = Result<T, String>>) -> Result<(), TestCaseError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    runtime
+        .block_on(case)
+        .map(|_| ())
+        .map_err(TestCaseError::fail)
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -62,13 +74,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         durability in durability(),
     ) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        runtime
-            .block_on(model::check(&ops, durability))
-            .map_err(TestCaseError::fail)?;
+        run(model::check(&ops, durability))?;
     }
 
     /// Inserting `sweep_expired()` before any step changes no outcome.
@@ -77,12 +83,6 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         durability in durability(),
     ) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        runtime
-            .block_on(model::check_sweep_independence(&ops, durability))
-            .map_err(TestCaseError::fail)?;
+        run(model::check_sweep_independence(&ops, durability))?;
     }
 }
