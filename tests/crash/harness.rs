@@ -207,6 +207,12 @@ pub fn run_child(mode: &str, seed: u64, path: &Path, at: KillAt) -> Result<Vec<S
 
 /// Like `run_child`, also returning how long after its start the child
 /// was ready, if it got there.
+/// Held while a child is spawned: between `fork` and `exec` the child holds
+/// copies of every file this process has open, on any mount, and a power
+/// cut that unmounts a test file system meanwhile would fail with EBUSY.
+/// The power-loss file system takes it around its unmount.
+pub static SPAWNING: Mutex<()> = Mutex::new(());
+
 pub fn run_child_timed(
     mode: &str,
     seed: u64,
@@ -215,6 +221,7 @@ pub fn run_child_timed(
 ) -> Result<(Vec<String>, Option<Duration>), String> {
     let started = std::time::Instant::now();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let spawning = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = Command::new(exe)
         .args([
             CHILD_TEST,
@@ -228,6 +235,7 @@ pub fn run_child_timed(
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("spawning the child: {e}"))?;
+    drop(spawning);
     let stdout = child.stdout.take().ok_or("no child stdout")?;
     let lines = Arc::new(Mutex::new(Vec::new()));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

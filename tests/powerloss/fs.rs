@@ -954,6 +954,11 @@ impl PowerLossFs {
 
     fn detach(&mut self) -> io::Result<()> {
         if let Some(session) = self.session.take() {
+            // No child of this process may be between fork and exec (with
+            // copies of this mount's open files) while it is unmounted.
+            let _no_fork = crate::harness::SPAWNING
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             match session.umount_and_join() {
                 // The unmount worked; the serving thread's last read of
                 // /dev/fuse may see the connection aborted rather than
