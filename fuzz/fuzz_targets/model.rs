@@ -25,8 +25,14 @@ struct Stores {
     runtime: tokio::runtime::Runtime,
     unswept: Driver,
     swept: Driver,
+    inputs: u32,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
+
+/// Inputs run on one pair of stores before fresh ones replace them: sled's
+/// log only grows, and a reopen replays it, so long-lived stores made the
+/// rare reopen inputs ever slower.
+const INPUTS_PER_STORE: u32 = 500;
 
 fn stores() -> Stores {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -48,6 +54,7 @@ fn stores() -> Stores {
         runtime,
         unswept,
         swept,
+        inputs: 0,
         _dirs: dirs,
     }
 }
@@ -72,7 +79,11 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     STORES.with(|cell| {
         let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_some_and(|s| s.inputs >= INPUTS_PER_STORE) {
+            *cell = None;
+        }
         let s = cell.get_or_insert_with(stores);
+        s.inputs += 1;
         let result = s.runtime.block_on(async {
             s.unswept.next_sequence().await?;
             s.swept.next_sequence().await?;
