@@ -38,14 +38,15 @@ pub(crate) struct Syncer {
     db: sled::Db,
     log: File,
     flushes: AtomicU64,
-    /// Test seam: faults injected into the next flush.
-    #[cfg(test)]
+    /// Fault seam: faults injected into the next flush.
+    #[cfg(any(test, feature = "fault-injection"))]
     faults: Mutex<Vec<Fault>>,
 }
 
-/// A fault the unit tests inject into one flush.
-#[cfg(test)]
+/// A fault the unit tests and the model fuzz target inject into one flush.
+#[cfg(any(test, feature = "fault-injection"))]
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) enum Fault {
     /// The flush fails as a failed fdatasync would.
     Fail,
@@ -61,7 +62,7 @@ impl Syncer {
             db,
             log,
             flushes: AtomicU64::new(0),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fault-injection"))]
             faults: Mutex::new(Vec::new()),
         }
     }
@@ -69,7 +70,7 @@ impl Syncer {
     /// One flush of everything written so far.
     pub(crate) fn flush(&self, fdatasync: bool) -> Result<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        #[cfg(test)]
+        #[cfg(any(test, feature = "fault-injection"))]
         {
             let fault = self.faults.lock().ok().and_then(|mut f| f.pop());
             match fault {
@@ -101,6 +102,9 @@ struct Plan {
     next: u64,
     /// Highest epoch some writer waits for.
     wanted: u64,
+    /// The periodic thread should flush without waiting out its period.
+    #[cfg(any(test, feature = "fault-injection"))]
+    flush_now: bool,
     shutdown: bool,
 }
 
@@ -250,11 +254,40 @@ impl Flusher {
         self.syncer.flushes.load(Ordering::Relaxed)
     }
 
-    /// Test seam: the next flush meets `fault`.
-    #[cfg(test)]
+    /// Fault seam: the next flush meets `fault`.
+    #[cfg(any(test, feature = "fault-injection"))]
     pub(crate) fn inject(&self, fault: Fault) {
         if let Ok(mut faults) = self.syncer.faults.lock() {
             faults.push(fault);
+        }
+    }
+
+    /// Fault seam: faults injected and not met yet.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub(crate) fn injected(&self) -> usize {
+        self.syncer.faults.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    /// Fault seam: has the flusher thread run one more flush now, in any
+    /// mode, and returns once it has succeeded or latched the store.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub(crate) async fn flush_now(&self) -> Result<()> {
+        let mut progress = self.shared.progress.subscribe();
+        let epoch = {
+            let mut plan = self.shared.plan();
+            if plan.shutdown {
+                return self.check();
+            }
+            plan.wanted = plan.wanted.max(plan.next);
+            plan.flush_now = true;
+            self.shared.dirty.store(true, Ordering::Release);
+            self.shared.wake.notify_one();
+            plan.next
+        };
+        let seen = progress.wait_for(|p| p.durable >= epoch || p.failed).await;
+        match seen.map(|p| p.durable >= epoch) {
+            Ok(true) => Ok(()),
+            _ => self.check(),
         }
     }
 
@@ -312,16 +345,26 @@ fn group_commit(shared: &Shared, syncer: &Syncer, fdatasync: bool) {
 fn periodic(shared: &Shared, syncer: &Syncer, period: Duration) {
     let mut plan = shared.plan();
     while !plan.shutdown {
-        plan = shared
-            .wake
-            .wait_timeout(plan, period)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
+        #[cfg(any(test, feature = "fault-injection"))]
+        let now = std::mem::take(&mut plan.flush_now);
+        #[cfg(not(any(test, feature = "fault-injection")))]
+        let now = false;
+        if !now {
+            plan = shared
+                .wake
+                .wait_timeout(plan, period)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
         if shared.dirty.swap(false, Ordering::AcqRel) {
+            // Numbered like group commits, though no writer waits for them.
+            plan.next += 1;
+            let epoch = plan.next - 1;
             drop(plan);
             if let Err(e) = syncer.flush(true) {
                 return shared.fail(&e.to_string());
             }
+            shared.progress.send_modify(|p| p.durable = epoch);
             plan = shared.plan();
         }
     }

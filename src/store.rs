@@ -1391,13 +1391,49 @@ fn sync_directories(path: &Path, created: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fault-injection"))]
 impl SledIdempotencyStore {
     /// Test seam: the next flush meets `fault`.
     pub(crate) async fn flusher_inject(&self, fault: crate::flusher::Fault) -> Result<()> {
         let guard = self.inner.state.read().await;
         guard.as_ref().ok_or(Error::Closed)?.flusher.inject(fault);
         Ok(())
+    }
+
+    /// Fault injection for the model fuzz target (feature
+    /// `fault-injection`; not part of the supported API): the next flush
+    /// fails as a failed fdatasync would. With `now`, that flush runs at
+    /// once, whatever the durability mode, and the call returns once the
+    /// store has latched ([`Error::PreviousIo`] from then on); without it,
+    /// the flush a later write, `close` or drop runs fails.
+    #[doc(hidden)]
+    pub async fn inject_sync_failure(&self, now: bool) -> Result<()> {
+        self.flusher_inject(crate::flusher::Fault::Fail).await?;
+        if !now {
+            return Ok(());
+        }
+        let guard = self.inner.state.read().await;
+        let flushed = guard
+            .as_ref()
+            .ok_or(Error::Closed)?
+            .flusher
+            .flush_now()
+            .await;
+        match flushed {
+            Err(Error::PreviousIo { .. }) => Ok(()),
+            Err(e) => Err(e),
+            Ok(()) => Err(Error::io("injecting a sync failure")(
+                std::io::Error::other("a flush succeeded: the injected failure was not met"),
+            )),
+        }
+    }
+
+    /// Fault injection (feature `fault-injection`): whether an injected
+    /// sync failure still waits for a flush to meet it.
+    #[doc(hidden)]
+    pub async fn sync_failure_armed(&self) -> Result<bool> {
+        let guard = self.inner.state.read().await;
+        Ok(guard.as_ref().ok_or(Error::Closed)?.flusher.injected() > 0)
     }
 }
 

@@ -31,7 +31,22 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::List),
         1 => Just(Op::CloseReopen),
         1 => Just(Op::DropReopen),
+        1 => any::<bool>().prop_map(fail_sync),
     ]
+}
+
+/// A sync failure, met at once (`now`) or by the next flush; one sequence
+/// in two or so meets one.
+#[cfg(feature = "fault-injection")]
+fn fail_sync(now: bool) -> Op {
+    Op::FailSync { now }
+}
+
+/// Sync failures need the `fault-injection` feature (the README's test
+/// command enables it); without it the op does nothing.
+#[cfg(not(feature = "fault-injection"))]
+fn fail_sync(_now: bool) -> Op {
+    Op::Advance { ms: 0 }
 }
 
 fn durability() -> impl Strategy<Value = Durability> {

@@ -58,6 +58,20 @@ pub enum Op {
     CloseReopen,
     /// Drop every handle without `close`, then open again.
     DropReopen,
+    /// A failed fdatasync (feature `fault-injection`): with `now`, a flush
+    /// runs at once and latches the store; without, the next flush (a
+    /// write's group commit, `close`, a drop) fails.
+    FailSync { now: bool },
+}
+
+impl Op {
+    /// Whether the op may write: refused once the store is latched.
+    pub fn writes(&self) -> bool {
+        !matches!(
+            self,
+            Op::Advance { .. } | Op::List | Op::CloseReopen | Op::DropReopen | Op::FailSync { .. }
+        )
+    }
 }
 
 impl Op {
@@ -106,6 +120,9 @@ impl Op {
             // the fuzzer spends its time on deep sequences.
             // A listing reads through the blocking pool several times:
             // rarer than a sweep.
+            // A sync failure latches the store for the rest of the input:
+            // rarer still.
+            14 | 15 if a % 32 == 2 => Op::FailSync { now: b % 2 == 0 },
             14 | 15 if a != 0xA5 && a % 8 != 1 => Op::Sweep,
             14 | 15 if a != 0xA5 => Op::List,
             14 => Op::CloseReopen,
@@ -157,7 +174,7 @@ struct MLease {
     expires_at: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Model {
     now: u64,
     records: BTreeMap<u8, MRecord>,
@@ -347,6 +364,34 @@ pub struct Driver {
     /// What the store answered to each op but sweeps, tokens written as
     /// claim numbers: the record of outcomes that sweeping must not change.
     outcomes: Vec<String>,
+    /// An injected sync failure waits for the next flush.
+    armed: bool,
+    /// The store has met a sync failure: it must refuse every write until
+    /// reopened.
+    latched: bool,
+}
+
+/// Why a step stopped.
+enum StepError {
+    /// The store refused with `Error::PreviousIo`.
+    Latched,
+    /// Store and model disagree.
+    Diverged(String),
+}
+
+impl From<String> for StepError {
+    fn from(e: String) -> Self {
+        StepError::Diverged(e)
+    }
+}
+
+/// Maps a store error: `PreviousIo` to [`StepError::Latched`], any other
+/// to a divergence naming `what`.
+fn failed(what: &'static str) -> impl FnOnce(Error) -> StepError {
+    move |e| match e {
+        Error::PreviousIo { .. } => StepError::Latched,
+        e => StepError::Diverged(format!("{what}: {e}")),
+    }
 }
 
 impl Driver {
@@ -365,6 +410,8 @@ impl Driver {
             floor: 0,
             leases: Vec::new(),
             outcomes: Vec::new(),
+            armed: false,
+            latched: false,
         };
         driver.reopen().await?;
         Ok(driver)
@@ -381,6 +428,8 @@ impl Driver {
             .await
             .map_err(|e| format!("reopen failed: {e}"))?;
         self.store = Some(store);
+        self.armed = false;
+        self.latched = false;
         Ok(())
     }
 
@@ -462,7 +511,10 @@ impl Driver {
         what: &str,
         store: Result<(), Error>,
         model: LeaseOutcome,
-    ) -> Result<(), String> {
+    ) -> Result<(), StepError> {
+        if let Err(Error::PreviousIo { .. }) = store {
+            return Err(StepError::Latched);
+        }
         let outcome = match &store {
             Ok(()) => "ok".to_owned(),
             Err(Error::LeaseLost { holds, .. }) => format!("lost: {}", self.holder_outcome(holds)),
@@ -478,12 +530,167 @@ impl Driver {
             {
                 Ok(())
             }
-            (store, model) => Err(format!("{what}: store {store:?}, model {model:?}")),
+            (store, model) => Err(format!("{what}: store {store:?}, model {model:?}").into()),
         }
     }
 
     /// Applies one op to both sides and compares every key afterwards.
+    ///
+    /// Sync failures: once latched, every op that may write must be
+    /// refused with `PreviousIo` and change nothing; reads go on. While an
+    /// injected failure waits, the op whose flush meets it must be refused,
+    /// and its key is then either as before the op or as after it (its
+    /// fate is unknown, SPEC §3); an op that meets it and answers `Ok`
+    /// acknowledged a write whose flush failed.
     pub async fn step(&mut self, op: &Op) -> Result<(), String> {
+        let before = (self.model.clone(), self.tokens.len(), self.outcomes.len());
+        // A lease op without any lease does not reach the store.
+        let lease_op = matches!(
+            op,
+            Op::Complete { .. } | Op::Abandon { .. } | Op::Extend { .. }
+        );
+        let writes = op.writes() && !(lease_op && self.leases.is_empty());
+        let applied = self.apply(op).await;
+        let what = format!("{op:?}")
+            .split([' ', '{'])
+            .next()
+            .unwrap_or("op")
+            .to_owned();
+        match applied {
+            Ok(()) if self.latched && writes => {
+                return Err(format!("{what}: acknowledged by a latched store"));
+            }
+            Ok(()) => {
+                if self.armed && writes && !self.failure_waits().await? {
+                    return Err(format!(
+                        "{what}: acknowledged though its flush met the injected failure"
+                    ));
+                }
+            }
+            Err(StepError::Diverged(e)) => return Err(e),
+            Err(StepError::Latched) if self.latched => {
+                // Refused, as it must be: nothing changed.
+                self.model = before.0;
+                self.tokens.truncate(before.1);
+                self.outcomes.truncate(before.2);
+                if *op != Op::Sweep {
+                    self.outcomes.push(format!("{what}: refused"));
+                }
+            }
+            Err(StepError::Latched) if self.armed => {
+                self.latched = true;
+                self.model = before.0;
+                self.tokens.truncate(before.1);
+                self.outcomes.truncate(before.2);
+                self.old_or_new(op).await?;
+                if *op != Op::Sweep {
+                    self.outcomes.push(format!("{what}: its flush failed"));
+                }
+            }
+            Err(StepError::Latched) => {
+                return Err(format!("{what}: PreviousIo with no sync failure injected"));
+            }
+        }
+        self.compare().await
+    }
+
+    #[cfg(feature = "fault-injection")]
+    async fn failure_waits(&self) -> Result<bool, String> {
+        self.store()?
+            .sync_failure_armed()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    async fn failure_waits(&self) -> Result<bool, String> {
+        Ok(true)
+    }
+
+    /// After `op` was refused because its flush failed: the store shows
+    /// the model as it was before `op` or as `op` would have left it; the
+    /// model takes whichever it is.
+    async fn old_or_new(&mut self, op: &Op) -> Result<(), String> {
+        let old = (self.model.clone(), self.tokens.len());
+        let slot = |slot: u8| self.slot(slot).map(|i| self.leases[i].1.clone());
+        let bytes = |result: Option<u8>| result.map(|n| vec![n; usize::from(n)]);
+        let claimed = match op.clone() {
+            Op::TryClaim { key, ttl } => Some((
+                key % KEYS,
+                self.model.claim(key % KEYS, u64::from(ttl), None),
+            )),
+            Op::Claim {
+                key,
+                ttl,
+                fingerprint,
+            } => Some((
+                key % KEYS,
+                self.model.claim(key % KEYS, u64::from(ttl), fingerprint),
+            )),
+            Op::MarkDone { key } => {
+                self.model.mark_done(key % KEYS);
+                None
+            }
+            Op::Release { key } => {
+                self.model.release(key % KEYS);
+                None
+            }
+            Op::Complete { slot: s, result } => {
+                if let Some(lease) = slot(s) {
+                    self.model.complete(&lease, bytes(result));
+                }
+                None
+            }
+            Op::Abandon { slot: s } => {
+                if let Some(lease) = slot(s) {
+                    self.model.abandon(&lease);
+                }
+                None
+            }
+            Op::Extend { slot: s, ttl } => {
+                if let Some(mut lease) = slot(s) {
+                    self.model.extend(&mut lease, u64::from(ttl));
+                }
+                None
+            }
+            Op::Sweep => {
+                self.model.sweep();
+                None
+            }
+            _ => None,
+        };
+        if let Some((
+            key,
+            ClaimResult::InProgress {
+                expires_at: u64::MAX,
+                ..
+            },
+        )) = claimed
+        {
+            // A new claim: its token is whatever the store drew.
+            let record = self
+                .store()?
+                .get_record(&key_id(key))
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(r) =
+                record.filter(|r| r.state == State::Pending && r.token > self.last_token())
+            {
+                self.tokens.push(r.token);
+            }
+        }
+        if self.compare().await.is_ok() {
+            return Ok(());
+        }
+        self.model = old.0;
+        self.tokens.truncate(old.1);
+        self.compare().await.map_err(|e| {
+            format!("after a failed flush, neither as before nor as after the op: {e}")
+        })
+    }
+
+    /// Applies one op to the store and the model.
+    async fn apply(&mut self, op: &Op) -> Result<(), StepError> {
         let key_of = |k: u8| key_id(k % KEYS);
         match op.clone() {
             Op::TryClaim { key, ttl } => {
@@ -491,7 +698,7 @@ impl Driver {
                     .store()?
                     .try_claim(&key_of(key), Duration::from_millis(u64::from(ttl)))
                     .await;
-                let store = store.map_err(|e| format!("try_claim: {e}"))?;
+                let store = store.map_err(failed("try_claim"))?;
                 let expected = match self.model.claim(key % KEYS, u64::from(ttl), None) {
                     ClaimResult::Done { .. } => ClaimOutcome::AlreadyDone,
                     ClaimResult::InProgress {
@@ -501,7 +708,7 @@ impl Driver {
                     _ => ClaimOutcome::AlreadyPending,
                 };
                 if store != expected {
-                    return Err(format!("try_claim: store {store:?}, model {expected:?}"));
+                    return Err(format!("try_claim: store {store:?}, model {expected:?}").into());
                 }
                 self.outcomes.push(format!("try_claim: {store:?}"));
                 if store == ClaimOutcome::Claimed {
@@ -509,11 +716,11 @@ impl Driver {
                         .store()?
                         .get_record(&key_of(key))
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(failed("get_record"))?;
                     let token = record.map(|r| r.token).unwrap_or(0);
                     let last = self.last_token();
                     if token <= last {
-                        return Err(format!("token {token} does not exceed {last}"));
+                        return Err(format!("token {token} does not exceed {last}").into());
                     }
                     self.tokens.push(token);
                 }
@@ -522,7 +729,7 @@ impl Driver {
                 self.store()?
                     .mark_done(&key_of(key))
                     .await
-                    .map_err(|e| format!("mark_done: {e}"))?;
+                    .map_err(failed("mark_done"))?;
                 self.model.mark_done(key % KEYS);
                 self.outcomes.push("mark_done: ok".to_owned());
             }
@@ -530,7 +737,7 @@ impl Driver {
                 self.store()?
                     .release(&key_of(key))
                     .await
-                    .map_err(|e| format!("release: {e}"))?;
+                    .map_err(failed("release"))?;
                 self.model.release(key % KEYS);
                 self.outcomes.push("release: ok".to_owned());
             }
@@ -548,7 +755,7 @@ impl Driver {
                     }
                     None => self.store()?.claim(&key_of(key), ttl_d).await,
                 }
-                .map_err(|e| format!("claim: {e}"))?;
+                .map_err(failed("claim"))?;
                 let expected = self.model.claim(key % KEYS, u64::from(ttl), fingerprint);
                 match (&store, &expected) {
                     (
@@ -563,7 +770,8 @@ impl Driver {
                         {
                             return Err(format!(
                                 "claim: lease {lease:?}, model attempts {attempts}"
-                            ));
+                            )
+                            .into());
                         }
                         self.record_claim(lease)?;
                         self.outcomes.push(format!(
@@ -583,7 +791,7 @@ impl Driver {
                         self.outcomes.push(format!("claim: {store:?}"));
                     }
                     (store, expected) => {
-                        return Err(format!("claim: store {store:?}, model {expected:?}"));
+                        return Err(format!("claim: store {store:?}, model {expected:?}").into());
                     }
                 }
             }
@@ -626,7 +834,7 @@ impl Driver {
                 self.lease_result("extend", store, model)?;
                 if let Some(new_lease) = new_lease {
                     if new_lease.expires_at() != mlease.expires_at {
-                        return Err(format!("extend: lease {new_lease:?}, model {mlease:?}"));
+                        return Err(format!("extend: lease {new_lease:?}, model {mlease:?}").into());
                     }
                     self.leases[i] = (new_lease, mlease);
                 }
@@ -640,10 +848,10 @@ impl Driver {
                     .store()?
                     .sweep_expired()
                     .await
-                    .map_err(|e| format!("sweep: {e}"))?;
+                    .map_err(failed("sweep"))?;
                 let removed = self.model.sweep();
                 if report.removed != removed || report.corrupt != 0 {
-                    return Err(format!("sweep: store {report:?}, model removed {removed}"));
+                    return Err(format!("sweep: store {report:?}, model removed {removed}").into());
                 }
             }
             Op::List => {
@@ -671,16 +879,25 @@ impl Driver {
                 if pending != expected || paged != expected || keys != model {
                     return Err(format!(
                         "list: pending {pending:?}, paged {paged:?}, filtered {expected:?}, model {model:?}"
-                    ));
+                    ).into());
                 }
                 self.outcomes.push(format!("list: {} pending", keys.len()));
             }
             Op::CloseReopen => {
                 self.outcomes.push("reopen".to_owned());
-                self.store()?
-                    .close()
-                    .await
-                    .map_err(|e| format!("close: {e}"))?;
+                // The final flush meets a waiting injected failure.
+                let failing = self.latched || self.armed;
+                match self.store()?.close().await {
+                    Ok(()) if !failing => {}
+                    Err(Error::PreviousIo { .. }) if failing => {}
+                    closed => {
+                        return Err(format!(
+                            "close: {closed:?} (latched {}, failure waiting {})",
+                            self.latched, self.armed
+                        )
+                        .into());
+                    }
+                }
                 self.reopen().await?;
             }
             Op::DropReopen => {
@@ -688,8 +905,32 @@ impl Driver {
                 self.store = None;
                 self.reopen().await?;
             }
+            Op::FailSync { now } => {
+                self.outcomes
+                    .push(format!("sync failure injected (now {now})"));
+                self.inject_sync_failure(now).await?;
+            }
         }
-        self.compare().await
+        Ok(())
+    }
+
+    #[cfg(feature = "fault-injection")]
+    async fn inject_sync_failure(&mut self, now: bool) -> Result<(), String> {
+        self.store()?
+            .inject_sync_failure(now)
+            .await
+            .map_err(|e| format!("injecting a sync failure: {e}"))?;
+        if now {
+            self.latched = true;
+        } else {
+            self.armed = true;
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    async fn inject_sync_failure(&mut self, _now: bool) -> Result<(), String> {
+        Err("Op::FailSync needs the fault-injection feature".to_owned())
     }
 
     /// Every key: the store's record equals the model's.
@@ -732,6 +973,9 @@ impl Driver {
     /// model, the leases and the outcomes start empty. Tokens keep
     /// increasing across sequences.
     pub async fn next_sequence(&mut self) -> Result<(), String> {
+        if self.latched {
+            self.step(&Op::DropReopen).await?;
+        }
         self.step(&Op::Advance { ms: 0 }).await?;
         self.clock.advance(Duration::from_secs(86_400));
         self.model.now += 86_400_000;
@@ -767,11 +1011,12 @@ impl Driver {
                 .await
                 .map_err(|e| format!("step {i} {op:?}: {e}"))?;
         }
-        self.store()?
-            .close()
-            .await
-            .map_err(|e| format!("final close: {e}"))?;
-        Ok(self.outcomes)
+        let failing = self.latched || self.armed;
+        match self.store()?.close().await {
+            Ok(()) if !failing => Ok(self.outcomes),
+            Err(Error::PreviousIo { .. }) if failing => Ok(self.outcomes),
+            closed => Err(format!("final close: {closed:?}")),
+        }
     }
 }
 
@@ -811,7 +1056,18 @@ pub fn same_outcomes(without: &Driver, with: &Driver) -> Result<(), String> {
 /// without any sweep and again with a sweep before every op and at the
 /// end, each checked against the model, and requires the same outcomes.
 pub async fn check_sweep_independence(ops: &[Op], durability: Durability) -> Result<(), String> {
-    let unswept: Vec<Op> = ops.iter().filter(|op| **op != Op::Sweep).cloned().collect();
+    let unswept: Vec<Op> = ops
+        .iter()
+        .filter(|op| **op != Op::Sweep)
+        .map(|op| match op {
+            // A sweep's own flush would meet a waiting failure in one run
+            // only: in modes that flush per write, fail at once.
+            Op::FailSync { .. } if !matches!(durability, Durability::Periodic(_)) => {
+                Op::FailSync { now: true }
+            }
+            op => op.clone(),
+        })
+        .collect();
     let swept: Vec<Op> = unswept
         .iter()
         .flat_map(|op| [Op::Sweep, op.clone()])
