@@ -7,7 +7,6 @@ use std::time::Duration;
 use crate::clock::{Clock, SystemClock, millis};
 use crate::error::{Error, Result};
 use crate::record::MAX_RESULT_LIMIT;
-use crate::store::SledIdempotencyStore;
 
 /// Default durability: [`Durability::Sync`].
 pub const DEFAULT_DURABILITY: Durability = Durability::Sync;
@@ -189,13 +188,8 @@ impl Builder {
         self
     }
 
-    /// Validates the settings and opens the store.
-    pub async fn open(self) -> Result<SledIdempotencyStore> {
-        self.validate()?;
-        SledIdempotencyStore::open_with(self).await
-    }
-
-    fn validate(&self) -> Result<()> {
+    /// Checks every setting; [`Builder::open`] calls it first.
+    pub(crate) fn validate(&self) -> Result<()> {
         if millis(self.default_ttl) == 0 {
             return Err(Error::InvalidConfig(
                 "default_ttl must be at least 1 ms".into(),

@@ -8,7 +8,7 @@ use bus_core::{ClaimOutcome, MessageId};
 
 use crate::config::Durability;
 use crate::error::{Error, Result};
-use crate::flusher::Fault;
+use crate::sled::flusher::Fault;
 use crate::store::SledIdempotencyStore;
 
 const TTL: Duration = Duration::from_secs(60);

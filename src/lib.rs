@@ -6,17 +6,19 @@
 mod clock;
 mod config;
 mod error;
-mod flusher;
 #[cfg(test)]
 mod latch_tests;
 mod lease;
 pub mod machine;
+mod namespace;
 mod pending;
 mod record;
+mod sled;
 mod stats;
 mod store;
-mod sweeper;
 
+pub use self::sled::open::FORMAT_VERSION;
+pub use self::sled::sweeper::SweepReport;
 pub use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
@@ -27,9 +29,9 @@ pub use config::{
 pub use error::{Error, Result};
 pub use lease::{ClaimResult, Lease};
 pub use machine::Holder;
+pub use namespace::DEFAULT_NAMESPACE;
 pub use record::{
     DecodeError, MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, RECORD_VERSION, Record, State,
 };
 pub use stats::Stats;
-pub use store::{DEFAULT_NAMESPACE, FORMAT_VERSION, SledIdempotencyStore};
-pub use sweeper::SweepReport;
+pub use store::SledIdempotencyStore;

@@ -1,10 +1,10 @@
-//! `SledIdempotencyStore`: opening, namespaces, the operations, sweeping,
-//! closing.
+//! `SledIdempotencyStore`, the public face: handles and namespaces, the
+//! `bus-core` trait, the lease API, inspection, sweeping and closing. It
+//! decides with `machine` and stores through the sled engine (`crate::sled`).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -16,30 +16,19 @@ use tokio::task::JoinHandle;
 use crate::clock::{Clock, millis};
 use crate::config::Builder;
 use crate::error::{Error, Result};
-use crate::flusher::{Flusher, Syncer};
 use crate::lease::{ClaimResult, Lease};
 use crate::machine::{self, Claim, Complete, Done, Release, Retention};
-use crate::pending::PendingIndex;
+use crate::namespace::{Space, validate_namespace};
 use crate::record::{MAX_FINGERPRINT_LEN, Record, State};
+use crate::sled::Open;
+use crate::sled::flusher::{Flusher, Syncer};
+use crate::sled::keyspace::{cas, decode_at, key_bytes, next_token, remove};
+use crate::sled::open::{
+    LOCK_RELEASE_WAIT, canonical, lock, namespace_tree, open_db, release, releasing,
+    wait_until_released,
+};
+use crate::sled::sweeper::{self, SweepReport};
 use crate::stats::{Counters, Stats};
-use crate::sweeper::{self, SweepReport};
-
-/// Version of the database layout (trees, key and value encoding). Recorded
-/// in the metadata tree; a database with a higher number is refused, one
-/// with a lower number is upgraded on open.
-///
-/// - 1: one records tree, record version 1.
-/// - 2: namespaces (one tree each), record version 2 (fingerprint, result).
-pub const FORMAT_VERSION: u32 = 2;
-
-/// Name of the namespace that [`SledIdempotencyStore::open`] returns.
-pub const DEFAULT_NAMESPACE: &str = "default";
-
-const META_TREE: &str = "sled-idempotency/meta";
-const DEFAULT_TREE: &str = "sled-idempotency/records";
-const NAMESPACE_TREE_PREFIX: &str = "sled-idempotency/ns/";
-const FORMAT_KEY: &str = "format_version";
-const MAX_NAMESPACE_LEN: usize = 64;
 
 /// A persistent idempotency store on sled — or, more exactly, a handle on
 /// one namespace of it.
@@ -74,26 +63,6 @@ impl Drop for SledIdempotencyStore {
             releasing(&self.inner.canonical, true);
             self.inner.released_by_drop.store(true, Ordering::SeqCst);
         }
-    }
-}
-
-/// One namespace: its position among the open trees, its name, its counters.
-#[derive(Debug)]
-pub(crate) struct Space {
-    index: usize,
-    name: Arc<str>,
-    counters: Counters,
-    pending: PendingIndex,
-}
-
-impl Space {
-    fn new(index: usize, name: &str) -> Arc<Space> {
-        Arc::new(Space {
-            index,
-            name: name.into(),
-            counters: Counters::default(),
-            pending: PendingIndex::default(),
-        })
     }
 }
 
@@ -155,24 +124,6 @@ impl Closed {
     }
 }
 
-#[derive(Debug)]
-struct Open {
-    db: sled::Db,
-    trees: Vec<sled::Tree>,
-    flusher: Flusher,
-}
-
-impl Open {
-    /// A failed sled write latches the store as a failed flush does: sled
-    /// keeps its error, and its log may now have a hole.
-    fn latch_on<T>(&self, result: Result<T>) -> Result<T> {
-        if let Err(e) = &result {
-            self.flusher.fail(&e.to_string());
-        }
-        result
-    }
-}
-
 /// What a claim got: a lease (built into a [`Lease`] only for the lease
 /// API; the trait's `try_claim` needs just the outcome) or what it found.
 enum Acquired {
@@ -191,6 +142,14 @@ enum Step<T> {
     Remove(T),
 }
 
+impl Builder {
+    /// Validates the settings and opens the store.
+    pub async fn open(self) -> Result<SledIdempotencyStore> {
+        self.validate()?;
+        SledIdempotencyStore::open_with(self).await
+    }
+}
+
 impl SledIdempotencyStore {
     /// Opens (or creates) the store at `path` with every default and returns
     /// the handle of the default namespace.
@@ -205,7 +164,7 @@ impl SledIdempotencyStore {
         Builder::new(path)
     }
 
-    pub(crate) async fn open_with(b: Builder) -> Result<Self> {
+    async fn open_with(b: Builder) -> Result<Self> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::InvalidConfig(
                 "the store must be opened inside a tokio runtime".into(),
@@ -949,24 +908,6 @@ impl Drop for Released {
     }
 }
 
-/// Stops the flusher after a final flush (unless latched), drops sled and
-/// waits (bounded) for its threads to let go of the directory lock.
-/// Blocking. sled 0.34 unwraps an fsync in its own `Drop`, which panics on a
-/// failing disk: that panic is caught here, and the failure that latched the
-/// store is what the caller sees.
-fn release(mut open: Open, path: &Path) -> Result<()> {
-    let flushed = open.flusher.shutdown();
-    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(open)));
-    wait_for_lock_release(path);
-    match (flushed, dropped) {
-        (Err(e), _) => Err(e),
-        (Ok(()), Ok(())) => Ok(()),
-        (Ok(()), Err(_)) => Err(Error::PreviousIo {
-            cause: "sled panicked while closing the database".into(),
-        }),
-    }
-}
-
 impl Inner {
     fn find_space(&self, name: &str) -> Option<Arc<Space>> {
         lock(&self.spaces)
@@ -1072,6 +1013,17 @@ impl Inner {
     }
 }
 
+impl sweeper::Sweep for Inner {
+    fn batch(
+        &self,
+        index: usize,
+        cursor: sweeper::Cursor,
+    ) -> Option<impl Future<Output = Result<sweeper::Batch>> + Send + 'static> {
+        let space = self.space_at(index)?;
+        Some(self.sweep_batch(space, cursor))
+    }
+}
+
 #[async_trait]
 impl IdempotencyStore for SledIdempotencyStore {
     async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimOutcome, BusError> {
@@ -1087,314 +1039,10 @@ impl IdempotencyStore for SledIdempotencyStore {
     }
 }
 
-/// A fresh fencing token: sled's id plus one (ids start at 0; token 0 means
-/// "no claim").
-fn next_token(db: &sled::Db) -> Result<u64> {
-    Ok(db
-        .generate_id()
-        .map_err(Error::storage("generating a fencing token"))?
-        .saturating_add(1))
-}
-
-/// Locks a std mutex that guards plain data; a panic elsewhere cannot leave
-/// it half-updated, so a poisoned lock is still good.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn key_bytes(key: &MessageId) -> [u8; 16] {
-    *key.as_uuid().as_bytes()
-}
-
-pub(crate) fn display_key(key: &[u8]) -> String {
-    match uuid::Uuid::from_slice(key) {
-        Ok(uuid) => uuid.to_string(),
-        Err(_) => key.iter().map(|b| format!("{b:02x}")).collect(),
-    }
-}
-
-fn decode_at(key: &[u8], value: Option<&[u8]>) -> Result<Option<Record>> {
-    value
-        .map(|bytes| {
-            Record::decode(bytes).map_err(|e| Error::Corrupt {
-                key: display_key(key),
-                reason: e.to_string(),
-            })
-        })
-        .transpose()
-}
-
-/// Removes `key` if it still holds exactly `old`, a record with fencing
-/// token `token`. Every removal goes through here: it raises
-/// `removed_tokens` before the removal lands (see `acquire`).
-pub(crate) fn remove(
-    tree: &sled::Tree,
-    key: &[u8],
-    old: &[u8],
-    token: u64,
-    removed_tokens: &AtomicU64,
-) -> Result<Result<(), Option<IVec>>> {
-    removed_tokens.fetch_max(token, Ordering::SeqCst);
-    cas(tree, key, Some(old), None)
-}
-
-/// `Ok(Ok(()))` when swapped, `Ok(Err(current))` when someone got there first.
-pub(crate) fn cas(
-    tree: &sled::Tree,
-    key: &[u8],
-    old: Option<&[u8]>,
-    new: Option<Vec<u8>>,
-) -> Result<Result<(), Option<IVec>>> {
-    let swapped = tree
-        .compare_and_swap(key, old, new)
-        .map_err(Error::storage("writing a record"))?;
-    Ok(swapped.map_err(|e| e.current))
-}
-
-fn validate_namespace(name: &str) -> Result<()> {
-    let invalid = |reason| {
-        Err(Error::InvalidNamespace {
-            name: name.to_owned(),
-            reason,
-        })
-    };
-    if name.is_empty() {
-        return invalid("it is empty");
-    }
-    if name.len() > MAX_NAMESPACE_LEN {
-        return invalid("it is longer than 64 bytes");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return invalid("use only ASCII letters, digits, '-', '_' and '.'");
-    }
-    Ok(())
-}
-
-fn namespace_tree(name: &str) -> String {
-    if name == DEFAULT_NAMESPACE {
-        DEFAULT_TREE.to_owned()
-    } else {
-        format!("{NAMESPACE_TREE_PREFIX}{name}")
-    }
-}
-
-/// Longest `close` or drop waits for sled's background threads to release
-/// the directory lock.
-const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(5);
-
-/// Databases of this process whose last handle was dropped and which a
-/// background thread is still flushing and releasing (canonical paths).
-static RELEASING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-static RELEASED: Condvar = Condvar::new();
-
-fn canonical(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
-/// Marks `key` (a canonical path) as being released, or released.
-fn releasing(key: &Path, started: bool) {
-    let mut paths = lock(&RELEASING);
-    if started {
-        paths.push(key.to_path_buf());
-    } else if let Some(i) = paths.iter().position(|p| p == key) {
-        paths.swap_remove(i);
-        RELEASED.notify_all();
-    }
-}
-
-/// Waits (at most `limit`) until no dropped store of this process is still
-/// releasing the database at `path`. Blocking.
-fn wait_until_released(path: &Path, limit: Duration) {
-    let key = canonical(path);
-    let deadline = Instant::now() + limit;
-    let mut paths = lock(&RELEASING);
-    while paths.contains(&key) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        paths = RELEASED
-            .wait_timeout(paths, left)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
-    }
-}
-
-/// sled hands log writes to its own thread pool, whose jobs hold the
-/// database (and its lock file) for a moment after the last `Db` is dropped.
-/// Wait until the lock can be taken, so "closed" means "openable again".
-fn wait_for_lock_release(path: &Path) {
-    let Ok(file) = File::open(path.join("db")) else {
-        return;
-    };
-    let deadline = std::time::Instant::now() + LOCK_RELEASE_WAIT;
-    loop {
-        match file.try_lock() {
-            Ok(()) => {
-                let _ = file.unlock();
-                return;
-            }
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, path = %path.display(), "the database lock is still held after closing");
-                return;
-            }
-        }
-    }
-}
-
-type Opened = (sled::Db, Vec<String>, Vec<sled::Tree>, File);
-
-fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
-    let not_a_db = |reason: String| Error::NotADatabase {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if path.exists() {
-        if !path.is_dir() {
-            return Err(Error::NotADirectory {
-                path: path.to_path_buf(),
-            });
-        }
-        let mut entries =
-            std::fs::read_dir(path).map_err(Error::io("reading the database directory"))?;
-        let is_sled = path.join("conf").exists() || path.join("db").exists();
-        if !is_sled && entries.next().is_some() {
-            return Err(not_a_db(
-                "the directory is not empty and holds no sled database; refusing to write into it"
-                    .into(),
-            ));
-        }
-    }
-    // The directories sled is about to create (the database's and any
-    // missing ancestors): each one's entry in its parent must be synced.
-    let created: Vec<&Path> = path
-        .ancestors()
-        .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
-        .collect();
-    let db = sled::Config::new()
-        .path(path)
-        .cache_capacity(cache_capacity)
-        // The flusher thread of this crate flushes; sled's own would only
-        // add syncs nobody waits for.
-        .flush_every_ms(None)
-        .open()
-        .map_err(|e| match e {
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                Error::Locked {
-                    path: path.to_path_buf(),
-                }
-            }
-            sled::Error::Io(io) => Error::Io {
-                context: "opening the database",
-                source: io,
-            },
-            sled::Error::Corruption { .. } | sled::Error::Unsupported(_) => not_a_db(e.to_string()),
-            other => Error::Storage {
-                context: "opening the database",
-                source: other,
-            },
-        })?;
-    // sled creates its files and directory (on the first open) and, while
-    // recovering, renames a new snapshot into place and deletes the old one,
-    // without syncing a directory. Until the directory entries are durable a
-    // power cut can undo them: a database created moments ago vanishes, or a
-    // database reopens from no snapshot at all after its log segments were
-    // reused, empty and without an error. Make them durable before the first
-    // write of this open.
-    sync_directories(path, &created)?;
-    let meta = db
-        .open_tree(META_TREE)
-        .map_err(Error::storage("opening the metadata tree"))?;
-    let found = match meta
-        .get(FORMAT_KEY)
-        .map_err(Error::storage("reading the format version"))?
-    {
-        None => None,
-        Some(bytes) => Some(
-            <[u8; 4]>::try_from(bytes.as_ref())
-                .map(u32::from_be_bytes)
-                .map_err(|_| {
-                    not_a_db(format!(
-                        "the format version entry is {} bytes, not 4",
-                        bytes.len()
-                    ))
-                })?,
-        ),
-    };
-    match found {
-        Some(found) if found > FORMAT_VERSION => {
-            return Err(Error::NewerFormat {
-                path: path.to_path_buf(),
-                found,
-                supported: FORMAT_VERSION,
-            });
-        }
-        Some(FORMAT_VERSION) => {}
-        // New database, or an older format this build reads: from now on
-        // it may hold version-2 records, so an older build must refuse it.
-        _ => {
-            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
-                .map_err(Error::storage("recording the format version"))?;
-        }
-    }
-    let mut names = vec![DEFAULT_NAMESPACE.to_owned()];
-    for name in db.tree_names() {
-        if let Some(ns) = name.strip_prefix(NAMESPACE_TREE_PREFIX.as_bytes())
-            && let Ok(ns) = std::str::from_utf8(ns)
-            && validate_namespace(ns).is_ok()
-        {
-            names.push(ns.to_owned());
-        }
-    }
-    names[1..].sort();
-    let trees = names
-        .iter()
-        .map(|name| db.open_tree(namespace_tree(name)))
-        .collect::<sled::Result<Vec<_>>>()
-        .map_err(Error::storage("opening the namespace trees"))?;
-    // sled restarts its id counter at "last persisted value + 2 intervals"
-    // and persists that new starting point lazily, in a log write nothing
-    // flushes. Killed before a flush, the process would restart at the same
-    // point and reuse fencing tokens it already handed out. Drawing one id
-    // now writes the new starting point, and the flush below makes it
-    // durable before any token leaves the store.
-    db.generate_id()
-        .map_err(Error::storage("persisting the fencing-token counter"))?;
-    let log = File::open(path.join("db")).map_err(Error::io("opening the log for fdatasync"))?;
-    db.flush().map_err(Error::storage("flushing after open"))?;
-    log.sync_data().map_err(Error::io("fdatasync after open"))?;
-    Ok((db, names, trees, log))
-}
-
-/// fsyncs sled's configuration file, the database directory, its `blobs`
-/// directory, the directory that holds it, and the parent of every
-/// directory in `created`.
-fn sync_directories(path: &Path, created: &[&Path]) -> Result<()> {
-    let sync = |p: &Path| File::open(p).and_then(|f| f.sync_all());
-    let parent = |p: &Path| match p.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    sync(&path.join("conf")).map_err(Error::io("syncing the database configuration file"))?;
-    sync(&path.join("blobs")).map_err(Error::io("syncing the database's blobs directory"))?;
-    sync(path).map_err(Error::io("syncing the database directory"))?;
-    sync(&parent(path)).map_err(Error::io("syncing the directory that holds the database"))?;
-    for dir in created.iter().skip(1) {
-        sync(&parent(dir)).map_err(Error::io("syncing the parent of a new directory"))?;
-    }
-    Ok(())
-}
-
 #[cfg(any(test, feature = "fault-injection"))]
 impl SledIdempotencyStore {
     /// Test seam: the next flush meets `fault`.
-    pub(crate) async fn flusher_inject(&self, fault: crate::flusher::Fault) -> Result<()> {
+    pub(crate) async fn flusher_inject(&self, fault: crate::sled::flusher::Fault) -> Result<()> {
         let guard = self.inner.state.read().await;
         guard.as_ref().ok_or(Error::Closed)?.flusher.inject(fault);
         Ok(())
@@ -1408,7 +1056,8 @@ impl SledIdempotencyStore {
     /// the flush a later write, `close` or drop runs fails.
     #[doc(hidden)]
     pub async fn inject_sync_failure(&self, now: bool) -> Result<()> {
-        self.flusher_inject(crate::flusher::Fault::Fail).await?;
+        self.flusher_inject(crate::sled::flusher::Fault::Fail)
+            .await?;
         if !now {
             return Ok(());
         }

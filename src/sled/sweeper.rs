@@ -30,7 +30,20 @@ use sled::IVec;
 use crate::error::{Error, Result};
 use crate::machine::{self, Retention};
 use crate::record::Record;
-use crate::store::{Inner, display_key, remove};
+
+use super::keyspace::{display_key, remove};
+
+/// What the sweeper drives: the store, one batch at a time.
+pub(crate) trait Sweep: Send + Sync + 'static {
+    /// The next batch of a sweep of the namespace at `index` from `cursor`
+    /// on, as a future that holds no reference to the store; `None` when
+    /// there is no namespace at `index` (every namespace swept).
+    fn batch(
+        &self,
+        index: usize,
+        cursor: Cursor,
+    ) -> Option<impl Future<Output = Result<Batch>> + Send + 'static>;
+}
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,8 +81,8 @@ pub(crate) async fn pace(took: Duration) {
 /// Starts the periodic sweeper. It holds a `Weak` to the store, upgraded
 /// only to start each batch, and a stop signal: it ends when the store is
 /// closed or dropped, and never runs the store's `Drop` across an await.
-pub(crate) fn spawn(
-    store: Weak<Inner>,
+pub(crate) fn spawn<S: Sweep>(
+    store: Weak<S>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -90,10 +103,10 @@ pub(crate) fn spawn(
                 }
                 let batch = {
                     let Some(inner) = store.upgrade() else { return };
-                    let Some(space) = inner.space_at(index) else {
+                    let Some(batch) = inner.batch(index, std::mem::take(&mut cursor)) else {
                         break; // every namespace swept
                     };
-                    inner.sweep_batch(space, std::mem::take(&mut cursor))
+                    batch
                 };
                 match batch.await {
                     Ok(batch) => {

@@ -1,0 +1,37 @@
+//! The sled engine: how records reach the disk. `open` opens, checks,
+//! recovers and finally releases a database; `keyspace` holds the only code
+//! that writes a record (compare-and-swap, removal under the fencing
+//! watermark, tokens); `flusher` makes writes durable and latches after an
+//! I/O failure; `sweeper` removes forgotten records in the background.
+//!
+//! Nothing here knows the public API: the store drives it, and nothing in
+//! this folder imports the store.
+
+use crate::error::Result;
+
+pub(crate) mod flusher;
+pub(crate) mod keyspace;
+pub(crate) mod open;
+pub(crate) mod sweeper;
+
+use flusher::Flusher;
+
+/// An open database: sled, one tree per namespace (in the order of the
+/// store's namespaces), and the flusher.
+#[derive(Debug)]
+pub(crate) struct Open {
+    pub(crate) db: sled::Db,
+    pub(crate) trees: Vec<sled::Tree>,
+    pub(crate) flusher: Flusher,
+}
+
+impl Open {
+    /// A failed sled write latches the store as a failed flush does: sled
+    /// keeps its error, and its log may now have a hole.
+    pub(crate) fn latch_on<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.flusher.fail(&e.to_string());
+        }
+        result
+    }
+}
