@@ -62,7 +62,7 @@ pub enum Durability {
     Periodic(Duration),
 }
 
-/// Configures and opens a [`SledIdempotencyStore`].
+/// Configures and opens a [`SledIdempotencyStore`](crate::SledIdempotencyStore).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), sled_idempotency::Error> {

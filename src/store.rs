@@ -245,7 +245,7 @@ impl SledIdempotencyStore {
         &self.inner.path
     }
 
-    /// The name of this handle's namespace ([`DEFAULT_NAMESPACE`] for the
+    /// The name of this handle's namespace ([`DEFAULT_NAMESPACE`](crate::DEFAULT_NAMESPACE) for the
     /// handle `open` returns).
     pub fn namespace_name(&self) -> &str {
         &self.space.name
