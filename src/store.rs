@@ -1077,12 +1077,12 @@ impl SledIdempotencyStore {
         }
     }
 
-    /// Fault injection (feature `fault-injection`): whether an injected
-    /// sync failure still waits for a flush to meet it.
+    /// Fault injection (feature `fault-injection`): how many injected sync
+    /// failures still wait for a flush to meet them.
     #[doc(hidden)]
-    pub async fn sync_failure_armed(&self) -> Result<bool> {
+    pub async fn sync_failures_waiting(&self) -> Result<usize> {
         let guard = self.inner.state.read().await;
-        Ok(guard.as_ref().ok_or(Error::Closed)?.flusher.injected() > 0)
+        Ok(guard.as_ref().ok_or(Error::Closed)?.flusher.injected())
     }
 }
 

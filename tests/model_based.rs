@@ -8,8 +8,6 @@
 
 mod model;
 
-use std::time::Duration;
-
 use model::{KEYS, Op};
 use proptest::prelude::*;
 use sled_idempotency::Durability;
@@ -51,8 +49,9 @@ fn fail_sync(_now: bool) -> Op {
 
 fn durability() -> impl Strategy<Value = Durability> {
     prop_oneof![
-        3 => Just(Durability::Periodic(Duration::from_secs(3600))),
+        3 => Just(model::PERIODIC),
         1 => Just(Durability::Flush),
+        1 => Just(Durability::Sync),
     ]
 }
 

@@ -17,6 +17,9 @@ use sled_idempotency::{
 
 /// Keys are drawn from a small space so that operations collide.
 pub const KEYS: u8 = 4;
+/// The durability the fuzz target and most model cases use: acknowledged
+/// before any flush, and no flush within a sequence.
+pub const PERIODIC: Durability = Durability::Periodic(Duration::from_secs(3600));
 /// Start of the model clock (unix ms).
 pub const T0: u64 = 1_800_000_000_000;
 /// `default_ttl` of the store under test (retention of an unclaimed done).
@@ -364,8 +367,8 @@ pub struct Driver {
     /// What the store answered to each op but sweeps, tokens written as
     /// claim numbers: the record of outcomes that sweeping must not change.
     outcomes: Vec<String>,
-    /// An injected sync failure waits for the next flush.
-    armed: bool,
+    /// Injected sync failures still waiting for a flush to meet them.
+    armed: usize,
     /// The store has met a sync failure: it must refuse every write until
     /// reopened.
     latched: bool,
@@ -410,7 +413,7 @@ impl Driver {
             floor: 0,
             leases: Vec::new(),
             outcomes: Vec::new(),
-            armed: false,
+            armed: 0,
             latched: false,
         };
         driver.reopen().await?;
@@ -428,7 +431,7 @@ impl Driver {
             .await
             .map_err(|e| format!("reopen failed: {e}"))?;
         self.store = Some(store);
-        self.armed = false;
+        self.armed = 0;
         self.latched = false;
         Ok(())
     }
@@ -560,13 +563,24 @@ impl Driver {
             Ok(()) if self.latched && writes => {
                 return Err(format!("{what}: acknowledged by a latched store"));
             }
-            Ok(()) => {
-                if self.armed && writes && !self.failure_waits().await? {
+            // In the modes that flush per write, a write acknowledged while
+            // a failure waits must not have met it, and cannot have
+            // skipped its flush. (`Periodic` acknowledges before flushing.)
+            Ok(())
+                if self.armed > 0
+                    && writes
+                    && !matches!(self.durability, Durability::Periodic(_)) =>
+            {
+                if self.failures_waiting().await? < self.armed {
                     return Err(format!(
                         "{what}: acknowledged though its flush met the injected failure"
                     ));
                 }
+                if self.model.records != before.0.records || self.model.claims != before.0.claims {
+                    return Err(format!("{what}: a write acknowledged without a flush"));
+                }
             }
+            Ok(()) => {}
             Err(StepError::Diverged(e)) => return Err(e),
             Err(StepError::Latched) if self.latched => {
                 // Refused, as it must be: nothing changed.
@@ -577,7 +591,7 @@ impl Driver {
                     self.outcomes.push(format!("{what}: refused"));
                 }
             }
-            Err(StepError::Latched) if self.armed => {
+            Err(StepError::Latched) if self.armed > 0 => {
                 self.latched = true;
                 self.model = before.0;
                 self.tokens.truncate(before.1);
@@ -595,16 +609,16 @@ impl Driver {
     }
 
     #[cfg(feature = "fault-injection")]
-    async fn failure_waits(&self) -> Result<bool, String> {
+    async fn failures_waiting(&self) -> Result<usize, String> {
         self.store()?
-            .sync_failure_armed()
+            .sync_failures_waiting()
             .await
             .map_err(|e| e.to_string())
     }
 
     #[cfg(not(feature = "fault-injection"))]
-    async fn failure_waits(&self) -> Result<bool, String> {
-        Ok(true)
+    async fn failures_waiting(&self) -> Result<usize, String> {
+        Ok(self.armed)
     }
 
     /// After `op` was refused because its flush failed: the store shows
@@ -886,7 +900,7 @@ impl Driver {
             Op::CloseReopen => {
                 self.outcomes.push("reopen".to_owned());
                 // The final flush meets a waiting injected failure.
-                let failing = self.latched || self.armed;
+                let failing = self.latched || self.armed > 0;
                 match self.store()?.close().await {
                     Ok(()) if !failing => {}
                     Err(Error::PreviousIo { .. }) if failing => {}
@@ -923,7 +937,7 @@ impl Driver {
         if now {
             self.latched = true;
         } else {
-            self.armed = true;
+            self.armed += 1;
         }
         Ok(())
     }
@@ -1011,7 +1025,7 @@ impl Driver {
                 .await
                 .map_err(|e| format!("step {i} {op:?}: {e}"))?;
         }
-        let failing = self.latched || self.armed;
+        let failing = self.latched || self.armed > 0;
         match self.store()?.close().await {
             Ok(()) if !failing => Ok(self.outcomes),
             Err(Error::PreviousIo { .. }) if failing => Ok(self.outcomes),
