@@ -100,3 +100,20 @@ proptest! {
         run(model::check_sweep_independence(&ops, durability))?;
     }
 }
+
+/// Regression (found by the property above): a sweep that removes a
+/// forgotten record while an injected sync failure waits needs no flush, so
+/// it neither meets the failure nor counts as a write acknowledged without
+/// one.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn regression_a_sweep_while_a_sync_failure_waits() -> Result<(), TestCaseError> {
+    let ops = [
+        Op::TryClaim { key: 0, ttl: 1 },
+        Op::Advance { ms: 701 },
+        Op::FailSync { now: false },
+        Op::Sweep,
+        Op::MarkDone { key: 1 },
+    ];
+    run(model::check(&ops, Durability::Flush))
+}
