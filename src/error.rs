@@ -193,6 +193,25 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An error from the Redis engine's server or connection. When the
+    /// connection failed during a write, the server may or may not have
+    /// applied it: the error says so, and never guesses an answer.
+    #[cfg(feature = "redis")]
+    #[error("Redis error while {context}{}: {source}", if *.outcome_unknown {
+        " (the connection failed mid-call: the server may or may not have applied it)"
+    } else {
+        ""
+    })]
+    Redis {
+        /// What the store was doing.
+        context: &'static str,
+        /// True when a write may have been applied although it failed.
+        outcome_unknown: bool,
+        /// The underlying error.
+        #[source]
+        source: redis::RedisError,
+    },
+
     /// An error reported by sled.
     #[error("storage error while {context}: {source}")]
     Storage {

@@ -13,10 +13,16 @@ pub mod machine;
 mod namespace;
 mod pending;
 mod record;
+#[cfg(feature = "redis")]
+mod redis;
 mod sled;
 mod stats;
 mod store;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    DEFAULT_RESPONSE_TIMEOUT, REDIS_MAX_MILLIS, RedisBuilder, RedisIdempotencyStore,
+};
 pub use self::sled::open::FORMAT_VERSION;
 pub use self::sled::sweeper::SweepReport;
 pub use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};

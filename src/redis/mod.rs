@@ -1,0 +1,715 @@
+//! The Redis engine (feature `redis`): the same contract as the sled store,
+//! shared by every worker that reaches one Redis server or Redis Cluster.
+//!
+//! Each operation is one Redis Function (`library.lua`) that reads the
+//! record, decides as [`machine`](crate::machine) does and writes, in one
+//! atomic step and one network round trip. Records expire on the server
+//! (`PEXPIREAT` at the moment they are forgotten), so this engine runs no
+//! sweeper.
+
+mod conn;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
+use redis::Value;
+
+use self::conn::{Conn, redis_error};
+use crate::clock::{Clock, millis};
+use crate::config::{
+    DEFAULT_DURABILITY, DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_TTL, Durability,
+};
+use crate::error::{Error, Result};
+use crate::lease::{ClaimResult, Lease};
+use crate::machine::Holder;
+use crate::namespace::{DEFAULT_NAMESPACE, validate_namespace};
+use crate::record::{MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, Record, State};
+
+/// Largest ttl or retention the Redis engine takes: 2^52 ms (about 142,000
+/// years). Its functions compute in Lua numbers, exact below 2^53.
+pub const REDIS_MAX_MILLIS: u64 = 1 << 52;
+
+/// Default bound on each call's reply from Redis.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Key of the set that names every namespace used (one key: one slot).
+const NAMESPACES_KEY: &str = "sid:namespaces";
+
+/// An idempotency store on Redis or Redis Cluster — more exactly, a handle on
+/// one namespace of it. The same operations and answers as
+/// [`SledIdempotencyStore`](crate::SledIdempotencyStore), shared by every
+/// process that connects to the same server.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sled_idempotency::Error> {
+/// use sled_idempotency::{ClaimResult, MessageId, RedisIdempotencyStore};
+/// use std::time::Duration;
+///
+/// let store = RedisIdempotencyStore::open("redis://127.0.0.1:6379/").await?;
+/// let id = MessageId::new();
+/// if let ClaimResult::Acquired(lease) = store.claim(&id, Duration::from_secs(30)).await? {
+///     // ... run the handler, then:
+///     store.complete(&lease).await?;
+/// }
+/// store.close().await?;
+/// # Ok(()) }
+/// ```
+///
+/// **Clock.** Expiry is decided by the Redis server's clock (`TIME`, read
+/// inside each function), unless the builder is given a [`Clock`]: one
+/// clock per key for every worker, whatever their own clocks say. In a
+/// cluster each key is decided by the clock of the master that holds it.
+///
+/// **Fencing tokens** strictly increase along each key's history, across
+/// releases, abandons, expiry and server restarts: a claim draws its token
+/// in the same atomic step that writes the record, from a counter kept per
+/// bucket of keys beside the records (same hash slot), and the token is
+/// never below the server's clock in microseconds. A token can repeat only
+/// if the server loses acknowledged writes (a failover to a replica that
+/// had not received them, or a restart without `appendfsync always`) *and*
+/// the node that serves the key afterwards has a clock behind the lost
+/// token's time.
+#[derive(Debug, Clone)]
+pub struct RedisIdempotencyStore {
+    shared: Arc<Shared>,
+    namespace: Arc<str>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    conn: Conn,
+    clock: Option<Arc<dyn Clock>>,
+    default_ttl_ms: u64,
+    done_ms: Option<u64>,
+    pending_ms: u64,
+    max_result_size: usize,
+    durability: Durability,
+    closed: AtomicBool,
+}
+
+/// Configures and opens a [`RedisIdempotencyStore`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sled_idempotency::Error> {
+/// use sled_idempotency::{Durability, RedisIdempotencyStore};
+/// use std::time::Duration;
+///
+/// let store = RedisIdempotencyStore::builder("redis://127.0.0.1:6379/")
+///     .durability(Durability::Sync)
+///     .done_retention(Duration::from_secs(24 * 3600))
+///     .open()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisBuilder {
+    url: String,
+    durability: Durability,
+    default_ttl: Duration,
+    done_retention: Option<Duration>,
+    pending_retention: Duration,
+    max_result_size: usize,
+    response_timeout: Duration,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl RedisBuilder {
+    /// What an acknowledged write survives. On Redis:
+    ///
+    /// - [`Durability::Sync`]: the open checks that every master runs
+    ///   `appendonly yes` with `appendfsync always`, so the server fsyncs
+    ///   each write before it answers: an acknowledged write survives a
+    ///   server crash and power loss of that server. A failover to a replica
+    ///   can still lose the last writes (replication is asynchronous).
+    /// - [`Durability::Flush`] and [`Durability::Periodic`] (the default):
+    ///   a write is acknowledged once it is in the server's memory; it
+    ///   survives the worker's crash, and the server's crash only as far
+    ///   as the server's own persistence (`appendfsync everysec`: the last
+    ///   second) allows. The period is the server's, not the argument's.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Retention of a `mark_done` with no claim to take a ttl from.
+    /// Default [`DEFAULT_TTL`](crate::DEFAULT_TTL).
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// How long done records are kept, instead of the claim's ttl.
+    pub fn done_retention(mut self, retention: Duration) -> Self {
+        self.done_retention = Some(retention);
+        self
+    }
+
+    /// How long an expired claim is remembered after its expiry (for its
+    /// attempt counter and lease checks). Default
+    /// [`DEFAULT_PENDING_RETENTION`](crate::DEFAULT_PENDING_RETENTION).
+    pub fn pending_retention(mut self, retention: Duration) -> Self {
+        self.pending_retention = retention;
+        self
+    }
+
+    /// Largest result `complete_with` caches. Default
+    /// [`DEFAULT_MAX_RESULT_SIZE`](crate::DEFAULT_MAX_RESULT_SIZE), at most
+    /// [`MAX_RESULT_LIMIT`](crate::MAX_RESULT_LIMIT).
+    pub fn max_result_size(mut self, bytes: usize) -> Self {
+        self.max_result_size = bytes;
+        self
+    }
+
+    /// Bound on each call's reply. Default [`DEFAULT_RESPONSE_TIMEOUT`]. A
+    /// write that times out is reported as an unknown outcome.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// Decide expiry with `clock` instead of the server's `TIME` (tests:
+    /// a [`ManualClock`](crate::ManualClock) moves expiry without sleeping).
+    /// Every worker sharing the server should then use the same clock.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Connects, detects a cluster, loads the function library on every
+    /// master and, for [`Durability::Sync`], checks the servers' fsync
+    /// settings.
+    pub async fn open(self) -> Result<RedisIdempotencyStore> {
+        let bounded = |d: Duration, what: &str| {
+            let ms = millis(d);
+            if ms >= REDIS_MAX_MILLIS {
+                return Err(Error::InvalidConfig(format!(
+                    "{what} {d:?} is too large for the Redis engine (at most 2^52 ms)"
+                )));
+            }
+            Ok(ms)
+        };
+        let default_ttl_ms = bounded(self.default_ttl, "default_ttl")?;
+        if default_ttl_ms == 0 {
+            return Err(Error::InvalidConfig(
+                "default_ttl must be at least 1 ms".into(),
+            ));
+        }
+        let done_ms = self
+            .done_retention
+            .map(|d| bounded(d, "done_retention"))
+            .transpose()?;
+        let pending_ms = bounded(self.pending_retention, "pending_retention")?;
+        if self.max_result_size > MAX_RESULT_LIMIT {
+            return Err(Error::InvalidConfig(format!(
+                "max_result_size {} is over the limit of {MAX_RESULT_LIMIT} bytes",
+                self.max_result_size
+            )));
+        }
+        let conn = Conn::open(&self.url, self.response_timeout).await?;
+        conn.load_library().await?;
+        if self.durability == Durability::Sync {
+            conn.check_fsync_always().await?;
+        }
+        tracing::debug!(cluster = conn.is_cluster(), "Redis store opened");
+        Ok(RedisIdempotencyStore {
+            shared: Arc::new(Shared {
+                conn,
+                clock: self.clock,
+                default_ttl_ms,
+                done_ms,
+                pending_ms,
+                max_result_size: self.max_result_size,
+                durability: self.durability,
+                closed: AtomicBool::new(false),
+            }),
+            namespace: DEFAULT_NAMESPACE.into(),
+        })
+    }
+}
+
+/// A function's reply: its first element names the outcome.
+struct Reply(Vec<Value>);
+
+impl Reply {
+    fn outcome(&self) -> &[u8] {
+        match self.0.first() {
+            Some(Value::BulkString(b)) => b,
+            _ => b"",
+        }
+    }
+
+    fn bytes(&self, i: usize) -> Option<Vec<u8>> {
+        match self.0.get(i) {
+            Some(Value::BulkString(b)) => Some(b.clone()),
+            _ => None,
+        }
+    }
+
+    fn int(&self, i: usize) -> Result<u64> {
+        match self.0.get(i) {
+            Some(Value::Int(n)) => u64::try_from(*n).map_err(|_| self.unexpected()),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    fn attempts(&self, i: usize) -> Result<u32> {
+        u32::try_from(self.int(i)?).map_err(|_| self.unexpected())
+    }
+
+    fn unexpected(&self) -> Error {
+        Error::Redis {
+            context: "reading a function's reply",
+            outcome_unknown: false,
+            source: redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply",
+                format!("{:?}", self.0),
+            )),
+        }
+    }
+
+    /// A `lost` reply as the holder it names.
+    fn holder(&self) -> Result<Holder> {
+        match self.bytes(1).as_deref() {
+            Some(b"nothing") => Ok(Holder::Nothing),
+            Some(b"claim") => Ok(Holder::Claim {
+                token: self.int(2)?,
+                expires_at: self.int(3)?,
+                attempts: self.attempts(4)?,
+            }),
+            Some(b"done") => Ok(Holder::Done {
+                token: self.int(2)?,
+                expires_at: self.int(3)?,
+            }),
+            _ => Err(self.unexpected()),
+        }
+    }
+}
+
+impl RedisIdempotencyStore {
+    /// Opens the store at `url` (`redis://host:port/`, `rediss://` with the
+    /// feature `redis-tls`; any node of a cluster) with default settings.
+    pub async fn open(url: &str) -> Result<Self> {
+        Self::builder(url).open().await
+    }
+
+    /// A builder for a store at `url`.
+    pub fn builder(url: impl Into<String>) -> RedisBuilder {
+        RedisBuilder {
+            url: url.into(),
+            durability: DEFAULT_DURABILITY,
+            default_ttl: DEFAULT_TTL,
+            done_retention: None,
+            pending_retention: DEFAULT_PENDING_RETENTION,
+            max_result_size: DEFAULT_MAX_RESULT_SIZE,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            clock: None,
+        }
+    }
+
+    /// Whether the store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.shared.conn.is_cluster()
+    }
+
+    /// The durability mode the store was opened with.
+    pub fn durability(&self) -> Durability {
+        self.shared.durability
+    }
+
+    /// The name of this handle's namespace.
+    pub fn namespace_name(&self) -> &str {
+        &self.namespace
+    }
+
+    /// A handle on namespace `name` (same names as the sled store: 1 to 64
+    /// ASCII letters, digits, `-`, `_` or `.`). Its name is recorded in one
+    /// set on the server so that [`namespaces`](Self::namespaces) can list
+    /// it.
+    pub async fn namespace(&self, name: &str) -> Result<RedisIdempotencyStore> {
+        validate_namespace(name)?;
+        self.check_open()?;
+        let mut cmd = redis::cmd("SADD");
+        cmd.arg(NAMESPACES_KEY).arg(name);
+        self.shared
+            .conn
+            .query(&cmd)
+            .await
+            .map_err(redis_error("recording a namespace"))?;
+        Ok(RedisIdempotencyStore {
+            shared: self.shared.clone(),
+            namespace: name.into(),
+        })
+    }
+
+    /// Every namespace created on this server, the default first.
+    pub async fn namespaces(&self) -> Result<Vec<String>> {
+        self.check_open()?;
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(NAMESPACES_KEY);
+        let value = self
+            .shared
+            .conn
+            .query(&cmd)
+            .await
+            .map_err(redis_error("listing namespaces"))?;
+        let mut names: Vec<String> = parse(value, "listing namespaces")?;
+        names.retain(|n| n != DEFAULT_NAMESPACE);
+        names.sort();
+        names.insert(0, DEFAULT_NAMESPACE.to_string());
+        Ok(names)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// The record key and its token counter: `sid:{bucket}:ns:id` and
+    /// `sid:{bucket}:token`. The bucket (the id's last four hex digits) is
+    /// the hash tag, so that a record and its counter share a slot while
+    /// records spread over every slot.
+    fn keys(&self, key: &MessageId) -> (String, String) {
+        let hex = key.as_uuid().simple().to_string();
+        let bucket = &hex[hex.len() - 4..];
+        (
+            format!("sid:{{{bucket}}}:{}:{hex}", self.namespace),
+            format!("sid:{{{bucket}}}:token"),
+        )
+    }
+
+    /// Runs function `name` on `key` with the common arguments (time,
+    /// retention) followed by `args`.
+    async fn call(
+        &self,
+        context: &'static str,
+        name: &str,
+        key: &MessageId,
+        args: &[&[u8]],
+    ) -> Result<Reply> {
+        self.check_open()?;
+        let shared = &self.shared;
+        let now = shared
+            .clock
+            .as_ref()
+            .map(|c| c.now_millis().to_string())
+            .unwrap_or_default();
+        let pending = shared.pending_ms.to_string();
+        let done = shared.done_ms.map(|d| d.to_string()).unwrap_or_default();
+        let mut all: Vec<&[u8]> = vec![now.as_bytes(), pending.as_bytes(), done.as_bytes()];
+        all.extend_from_slice(args);
+        let (record, counter) = self.keys(key);
+        let reply = shared
+            .conn
+            .fcall(context, name, [&record, &counter], &all)
+            .await?;
+        Ok(Reply(reply))
+    }
+
+    fn ttl_ms(ttl: Duration) -> Result<u64> {
+        let ms = millis(ttl);
+        if ms == 0 {
+            return Err(Error::TtlTooShort { ttl });
+        }
+        if ms >= REDIS_MAX_MILLIS {
+            return Err(Error::TtlOverflow { ttl });
+        }
+        Ok(ms)
+    }
+
+    /// Claims `key` for `ttl` if it is absent or expired: the `bus-core`
+    /// operation.
+    pub async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimOutcome> {
+        Ok(match self.claim(key, ttl).await? {
+            ClaimResult::Acquired(_) => ClaimOutcome::Claimed,
+            ClaimResult::Done { .. } => ClaimOutcome::AlreadyDone,
+            _ => ClaimOutcome::AlreadyPending,
+        })
+    }
+
+    /// Claims `key` for `ttl` and, if it was free, returns the [`Lease`];
+    /// otherwise what holds it. One round trip.
+    pub async fn claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimResult> {
+        self.acquire(key, ttl, None).await
+    }
+
+    /// Like [`claim`](Self::claim), recording `fingerprint` (at most 64
+    /// bytes); a later fingerprinted claim of the same live key with a
+    /// different one returns [`ClaimResult::Conflict`].
+    pub async fn claim_with_fingerprint(
+        &self,
+        key: &MessageId,
+        ttl: Duration,
+        fingerprint: &[u8],
+    ) -> Result<ClaimResult> {
+        if fingerprint.len() > MAX_FINGERPRINT_LEN {
+            return Err(Error::FingerprintTooLong {
+                len: fingerprint.len(),
+                max: MAX_FINGERPRINT_LEN,
+            });
+        }
+        self.acquire(key, ttl, Some(fingerprint)).await
+    }
+
+    async fn acquire(
+        &self,
+        key: &MessageId,
+        ttl: Duration,
+        fingerprint: Option<&[u8]>,
+    ) -> Result<ClaimResult> {
+        let ttl_ms = Self::ttl_ms(ttl)?.to_string();
+        let (flag, fp): (&[u8], &[u8]) = match fingerprint {
+            Some(fp) => (b"1", fp),
+            None => (b"0", b""),
+        };
+        let reply = self
+            .call(
+                "claiming",
+                "sid1_claim",
+                key,
+                &[ttl_ms.as_bytes(), flag, fp],
+            )
+            .await?;
+        Ok(match reply.outcome() {
+            b"claimed" => ClaimResult::Acquired(Lease {
+                key: key.clone(),
+                namespace: self.namespace.clone(),
+                token: reply.int(1)?,
+                expires_at: reply.int(2)?,
+                attempt: reply.attempts(3)?,
+            }),
+            b"pending" => ClaimResult::InProgress {
+                expires_at: reply.int(1)?,
+                attempts: reply.attempts(2)?,
+            },
+            b"done" => ClaimResult::Done {
+                result: reply.bytes(1),
+            },
+            b"conflict" => ClaimResult::Conflict {
+                done: reply.bytes(1).as_deref() == Some(b"d"),
+            },
+            _ => return Err(reply.unexpected()),
+        })
+    }
+
+    /// Records that the handler for `key` ran to completion (the `bus-core`
+    /// operation, with no lease check).
+    pub async fn mark_done(&self, key: &MessageId) -> Result<()> {
+        let default_ttl = self.shared.default_ttl_ms.to_string();
+        let reply = self
+            .call("marking done", "sid1_done", key, &[default_ttl.as_bytes()])
+            .await?;
+        match reply.outcome() {
+            b"completed" | b"already" => Ok(()),
+            b"late" => {
+                tracing::warn!(key = %key, namespace = %self.namespace, "late completion: marked done with no claim on record");
+                Ok(())
+            }
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Gives up a pending claim so the message can be retried (the
+    /// `bus-core` operation, with no lease check). A completed record is
+    /// never erased.
+    pub async fn release(&self, key: &MessageId) -> Result<()> {
+        let reply = self.call("releasing", "sid1_release", key, &[]).await?;
+        match reply.outcome() {
+            b"removed" | b"kept" => Ok(()),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Marks the leased key done, if the record still holds the lease.
+    pub async fn complete(&self, lease: &Lease) -> Result<()> {
+        self.finish(lease, None).await
+    }
+
+    /// Marks the leased key done and caches `result` for later claims.
+    pub async fn complete_with(&self, lease: &Lease, result: &[u8]) -> Result<()> {
+        if result.len() > self.shared.max_result_size {
+            return Err(Error::ResultTooLarge {
+                size: result.len(),
+                limit: self.shared.max_result_size,
+            });
+        }
+        self.finish(lease, Some(result)).await
+    }
+
+    fn check_lease(&self, lease: &Lease) -> Result<String> {
+        if lease.namespace != self.namespace {
+            return Err(Error::WrongNamespace {
+                lease: lease.namespace.to_string(),
+                handle: self.namespace.to_string(),
+            });
+        }
+        Ok(lease.token.to_string())
+    }
+
+    async fn finish(&self, lease: &Lease, result: Option<&[u8]>) -> Result<()> {
+        let token = self.check_lease(lease)?;
+        let (flag, bytes): (&[u8], &[u8]) = match result {
+            Some(r) => (b"1", r),
+            None => (b"0", b""),
+        };
+        let args = [token.as_bytes(), flag, bytes];
+        let reply = self
+            .call("completing", "sid1_complete", &lease.key, &args)
+            .await?;
+        match reply.outcome() {
+            b"completed" | b"already" => Ok(()),
+            b"different" => Err(Error::DifferentResult {
+                key: lease.key.to_string(),
+                token: lease.token,
+            }),
+            b"lost" => Err(lease.lost(reply.holder()?)),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Removes the leased claim so the message can be retried, if the
+    /// record still holds the lease.
+    pub async fn abandon(&self, lease: &Lease) -> Result<()> {
+        let token = self.check_lease(lease)?;
+        let reply = self
+            .call(
+                "abandoning",
+                "sid1_abandon",
+                &lease.key,
+                &[token.as_bytes()],
+            )
+            .await?;
+        match reply.outcome() {
+            b"abandoned" => Ok(()),
+            b"lost" => Err(lease.lost(reply.holder()?)),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Pushes the leased claim's expiry to `now + ttl`, if the record still
+    /// holds the lease, and returns the lease with its new expiry.
+    pub async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let token = self.check_lease(lease)?;
+        let ttl_ms = Self::ttl_ms(ttl)?.to_string();
+        let args = [token.as_bytes(), ttl_ms.as_bytes()];
+        let reply = self
+            .call("extending a lease", "sid1_extend", &lease.key, &args)
+            .await?;
+        match reply.outcome() {
+            b"extended" => Ok(Lease {
+                expires_at: reply.int(1)?,
+                ..lease.clone()
+            }),
+            b"lost" => Err(lease.lost(reply.holder()?)),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// The live record for `key`, or `None` if it is absent or expired, by
+    /// the store's clock. One `HGETALL`.
+    pub async fn get(&self, key: &MessageId) -> Result<Option<Record>> {
+        let now = match &self.shared.clock {
+            Some(clock) => clock.now_millis(),
+            None => self.server_millis().await?,
+        };
+        Ok(self.get_record(key).await?.filter(|r| r.is_live(now)))
+    }
+
+    async fn server_millis(&self) -> Result<u64> {
+        let value = self
+            .shared
+            .conn
+            .query(&redis::cmd("TIME"))
+            .await
+            .map_err(redis_error("reading the server's clock"))?;
+        let (secs, micros): (u64, u64) = parse(value, "reading the server's clock")?;
+        Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
+    }
+
+    /// The record stored for `key`, live or expired, until the server
+    /// expires it (at the moment every operation starts treating it as
+    /// absent).
+    pub async fn get_record(&self, key: &MessageId) -> Result<Option<Record>> {
+        self.check_open()?;
+        let (record, _) = self.keys(key);
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(&record);
+        let value = self
+            .shared
+            .conn
+            .query(&cmd)
+            .await
+            .map_err(redis_error("reading a record"))?;
+        let fields: HashMap<String, Vec<u8>> = parse(value, "reading a record")?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        decode(&fields).map(Some).map_err(|reason| Error::Corrupt {
+            key: key.to_string(),
+            reason,
+        })
+    }
+
+    /// Marks every handle of this store closed: later calls return
+    /// [`Error::Closed`]. Every acknowledged write is already on the server
+    /// (and, under [`Durability::Sync`], on its disk), so there is nothing
+    /// to flush; the connections close when the last handle is dropped.
+    pub async fn close(&self) -> Result<()> {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn parse<T: redis::FromRedisValue>(value: Value, context: &'static str) -> Result<T> {
+    redis::from_redis_value(value).map_err(|e| redis_error(context)(e.into()))
+}
+
+/// A record from its hash fields.
+fn decode(fields: &HashMap<String, Vec<u8>>) -> std::result::Result<Record, String> {
+    let text = |name: &str| -> std::result::Result<&str, String> {
+        let bytes = fields
+            .get(name)
+            .ok_or_else(|| format!("field {name} is missing"))?;
+        std::str::from_utf8(bytes).map_err(|_| format!("field {name} is not text"))
+    };
+    let number = |name: &str| -> std::result::Result<u64, String> {
+        text(name)?
+            .parse()
+            .map_err(|_| format!("field {name} is not a number"))
+    };
+    let state = match text("s")? {
+        "p" => State::Pending,
+        "d" => State::Done,
+        other => return Err(format!("unknown state {other:?}")),
+    };
+    Ok(Record {
+        state,
+        expires_at: number("e")?,
+        token: number("t")?,
+        attempts: u32::try_from(number("a")?).map_err(|_| "attempts out of range".to_string())?,
+        ttl_ms: number("l")?,
+        fingerprint: fields.get("f").cloned(),
+        result: fields.get("r").cloned(),
+    })
+}
+
+#[async_trait]
+impl IdempotencyStore for RedisIdempotencyStore {
+    async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimOutcome, BusError> {
+        Ok(RedisIdempotencyStore::try_claim(self, key, ttl).await?)
+    }
+
+    async fn mark_done(&self, key: &MessageId) -> Result<(), BusError> {
+        Ok(RedisIdempotencyStore::mark_done(self, key).await?)
+    }
+
+    async fn release(&self, key: &MessageId) -> Result<(), BusError> {
+        Ok(RedisIdempotencyStore::release(self, key).await?)
+    }
+}
