@@ -13,8 +13,9 @@
 --   l  ttl_ms the key was claimed with
 --   f  payload fingerprint (absent when the claim had none)
 --   r  cached result (absent when none)
--- It carries a server-side expiry at the moment it is forgotten: a done
--- record at its expiry, a pending one pending_ms after it.
+-- It carries a server-side expiry (PEXPIREAT) at the moment it is
+-- forgotten, by the deciding clock: a done record at its expiry, a pending
+-- one pending_ms after it.
 --
 -- KEYS[1] is the record, KEYS[2] the token counter of its hash slot bucket.
 -- ARGV[1] is the time that decides (unix ms; '' for the server's clock),
@@ -24,13 +25,13 @@ local function int(n)
   return string.format('%d', n)
 end
 
--- The deciding time, and whether it is the server's own.
+-- The deciding time: the caller's wall clock, or the server's.
 local function clock(arg)
   if arg ~= '' then
-    return tonumber(arg), false
+    return tonumber(arg)
   end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), true
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
 local function load(key)
@@ -61,7 +62,7 @@ local function remembered(rec, now, pend)
   return nil
 end
 
-local function put(key, rec, now, server, pend)
+local function put(key, rec, pend)
   local forget = rec.e
   if rec.s == 'p' then
     forget = rec.e + pend
@@ -79,12 +80,7 @@ local function put(key, rec, now, server, pend)
   end
   redis.call('DEL', key)
   redis.call('HSET', key, unpack(fields))
-  if server then
-    redis.call('PEXPIREAT', key, int(forget))
-  else
-    -- A caller's clock (tests): keep the record as long, on the server's.
-    redis.call('PEXPIRE', key, int(math.max(forget - now, 1)))
-  end
+  redis.call('PEXPIREAT', key, int(forget))
 end
 
 -- A fencing token: above the bucket's last one and never below the
@@ -130,7 +126,7 @@ end
 
 -- ARGV[4] ttl_ms, ARGV[5] '1' with a fingerprint in ARGV[6].
 redis.register_function('sid1_claim', function(keys, args)
-  local now, server = clock(args[1])
+  local now = clock(args[1])
   local pend = tonumber(args[2])
   local ttl = tonumber(args[4])
   local fp = nil
@@ -157,25 +153,25 @@ redis.register_function('sid1_claim', function(keys, args)
   end
   local token = next_token(keys[2])
   local new = { s = 'p', e = now + ttl, t = token, a = attempts, l = ttl, f = fp }
-  put(keys[1], new, now, server, pend)
+  put(keys[1], new, pend)
   return {'claimed', token, new.e, attempts}
 end)
 
 -- ARGV[4] the default ttl (retention of a done record without a claim).
 redis.register_function('sid1_done', function(keys, args)
-  local now, server = clock(args[1])
+  local now = clock(args[1])
   local pend = tonumber(args[2])
   local done_ms = tonumber(args[3])
   local rec = remembered(load(keys[1]), now, pend)
   if rec and rec.s == 'p' then
-    put(keys[1], done_record(rec, now, done_ms, nil), now, server, pend)
+    put(keys[1], done_record(rec, now, done_ms, nil), pend)
     return {'completed'}
   end
   if rec then
     return {'already'}
   end
   local unclaimed = { t = 0, a = 0, l = tonumber(args[4]) }
-  put(keys[1], done_record(unclaimed, now, done_ms, nil), now, server, pend)
+  put(keys[1], done_record(unclaimed, now, done_ms, nil), pend)
   return {'late'}
 end)
 
@@ -191,7 +187,7 @@ end)
 
 -- ARGV[4] token, ARGV[5] '1' with a result in ARGV[6].
 redis.register_function('sid1_complete', function(keys, args)
-  local now, server = clock(args[1])
+  local now = clock(args[1])
   local pend = tonumber(args[2])
   local done_ms = tonumber(args[3])
   local token = tonumber(args[4])
@@ -210,7 +206,7 @@ redis.register_function('sid1_complete', function(keys, args)
   if rec == nil then
     return lost(raw, now, pend)
   end
-  put(keys[1], done_record(rec, now, done_ms, result), now, server, pend)
+  put(keys[1], done_record(rec, now, done_ms, result), pend)
   return {'completed'}
 end)
 
@@ -228,7 +224,7 @@ end)
 
 -- ARGV[4] token, ARGV[5] ttl_ms.
 redis.register_function('sid1_extend', function(keys, args)
-  local now, server = clock(args[1])
+  local now = clock(args[1])
   local pend = tonumber(args[2])
   local raw = load(keys[1])
   local rec = held(raw, tonumber(args[4]), now, pend)
@@ -236,6 +232,6 @@ redis.register_function('sid1_extend', function(keys, args)
     return lost(raw, now, pend)
   end
   rec.e = now + tonumber(args[5])
-  put(keys[1], rec, now, server, pend)
+  put(keys[1], rec, pend)
   return {'extended', rec.e}
 end)

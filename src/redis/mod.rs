@@ -171,9 +171,13 @@ impl RedisBuilder {
         self
     }
 
-    /// Decide expiry with `clock` instead of the server's `TIME` (tests:
-    /// a [`ManualClock`](crate::ManualClock) moves expiry without sleeping).
-    /// Every worker sharing the server should then use the same clock.
+    /// Decide expiry with `clock` instead of the server's `TIME`. Every
+    /// worker sharing the server should then use the same clock. It must
+    /// read wall-clock unix milliseconds, as [`Clock`] says: records also
+    /// expire on the server (`PEXPIREAT`) at the moment this clock says they
+    /// are forgotten, so a clock behind the server's makes them vanish
+    /// early. Tests use a [`ManualClock`](crate::ManualClock) set in the
+    /// future and move it without sleeping.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self

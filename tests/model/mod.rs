@@ -20,8 +20,10 @@ pub const KEYS: u8 = 4;
 /// The durability the fuzz target and most model cases use: acknowledged
 /// before any flush, and no flush within a sequence.
 pub const PERIODIC: Durability = Durability::Periodic(Duration::from_secs(3600));
-/// Start of the model clock (unix ms).
-pub const T0: u64 = 1_800_000_000_000;
+/// Start of the model clock (unix ms): the year 2096, in the future of any
+/// Redis server the driver runs against, which expires records at the
+/// model clock's times.
+pub const T0: u64 = 4_000_000_000_000;
 /// `default_ttl` of the store under test (retention of an unclaimed done).
 pub const DEFAULT_TTL_MS: u64 = 500;
 /// `pending_retention` of the store under test: how long an expired claim
@@ -352,11 +354,75 @@ pub fn key_id(key: u8) -> MessageId {
 
 /// Runs `ops` against a fresh store in `dir` and the model, and reports the
 /// first divergence.
+/// The store a driver runs against: the sled engine, or (feature `redis`)
+/// the Redis engine, which has every op but the sled-only ones (sweep,
+/// list, reopen, sync failures).
+#[derive(Debug, Clone)]
+pub enum Target {
+    Sled(SledIdempotencyStore),
+    #[cfg(feature = "redis")]
+    Redis(sled_idempotency::RedisIdempotencyStore),
+}
+
+/// `$body` with `$store` bound to whichever store `$target` holds.
+macro_rules! on {
+    ($target:expr, $store:ident => $body:expr) => {
+        match $target {
+            Target::Sled($store) => $body,
+            #[cfg(feature = "redis")]
+            Target::Redis($store) => $body,
+        }
+    };
+}
+
+type Answer<T> = Result<T, Error>;
+
+impl Target {
+    async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Answer<ClaimOutcome> {
+        on!(self, s => s.try_claim(key, ttl).await)
+    }
+    async fn claim(&self, key: &MessageId, ttl: Duration) -> Answer<ClaimResult> {
+        on!(self, s => s.claim(key, ttl).await)
+    }
+    async fn claim_with_fingerprint(
+        &self,
+        key: &MessageId,
+        ttl: Duration,
+        fingerprint: &[u8],
+    ) -> Answer<ClaimResult> {
+        on!(self, s => s.claim_with_fingerprint(key, ttl, fingerprint).await)
+    }
+    async fn mark_done(&self, key: &MessageId) -> Answer<()> {
+        on!(self, s => s.mark_done(key).await)
+    }
+    async fn release(&self, key: &MessageId) -> Answer<()> {
+        on!(self, s => s.release(key).await)
+    }
+    async fn complete(&self, lease: &Lease) -> Answer<()> {
+        on!(self, s => s.complete(lease).await)
+    }
+    async fn complete_with(&self, lease: &Lease, result: &[u8]) -> Answer<()> {
+        on!(self, s => s.complete_with(lease, result).await)
+    }
+    async fn abandon(&self, lease: &Lease) -> Answer<()> {
+        on!(self, s => s.abandon(lease).await)
+    }
+    async fn extend(&self, lease: &Lease, ttl: Duration) -> Answer<Lease> {
+        on!(self, s => s.extend(lease, ttl).await)
+    }
+    async fn get_record(&self, key: &MessageId) -> Answer<Option<Record>> {
+        on!(self, s => s.get_record(key).await)
+    }
+    async fn close(&self) -> Answer<()> {
+        on!(self, s => s.close().await)
+    }
+}
+
 pub struct Driver {
     dir: std::path::PathBuf,
     durability: Durability,
     clock: ManualClock,
-    store: Option<SledIdempotencyStore>,
+    store: Option<Target>,
     model: Model,
     /// Store token of model claim `n` at index `n` (index 0: no claim).
     tokens: Vec<u64>,
@@ -420,7 +486,34 @@ impl Driver {
         Ok(driver)
     }
 
+    /// A driver on `store`, a Redis store opened with this module's
+    /// retention and a clock at [`T0`] (`clock`), and with no record of
+    /// the [`KEYS`] keys in its namespace.
+    #[cfg(feature = "redis")]
+    pub fn redis(store: sled_idempotency::RedisIdempotencyStore, clock: ManualClock) -> Driver {
+        Driver {
+            dir: std::path::PathBuf::new(),
+            durability: store.durability(),
+            clock,
+            store: Some(Target::Redis(store)),
+            model: Model {
+                now: T0,
+                ..Model::default()
+            },
+            tokens: vec![0],
+            floor: 0,
+            leases: Vec::new(),
+            outcomes: Vec::new(),
+            armed: 0,
+            latched: false,
+        }
+    }
+
     async fn reopen(&mut self) -> Result<(), String> {
+        #[cfg(feature = "redis")]
+        if let Some(Target::Redis(_)) = self.store {
+            return Err("reopening a Redis store is not a model op".to_owned());
+        }
         let store = SledIdempotencyStore::builder(&self.dir)
             .clock(self.clock.clone())
             .durability(self.durability)
@@ -430,16 +523,25 @@ impl Driver {
             .open()
             .await
             .map_err(|e| format!("reopen failed: {e}"))?;
-        self.store = Some(store);
+        self.store = Some(Target::Sled(store));
         self.armed = 0;
         self.latched = false;
         Ok(())
     }
 
-    fn store(&self) -> Result<&SledIdempotencyStore, String> {
+    fn store(&self) -> Result<&Target, String> {
         self.store
             .as_ref()
             .ok_or_else(|| "no open store".to_owned())
+    }
+
+    /// The store, for the ops only the sled engine has.
+    fn sled(&self) -> Result<&SledIdempotencyStore, String> {
+        match self.store()? {
+            Target::Sled(store) => Ok(store),
+            #[cfg(feature = "redis")]
+            Target::Redis(_) => Err("a sled-only op on the Redis engine".to_owned()),
+        }
     }
 
     /// The lease in `slot` (modulo the number of leases), if any.
@@ -615,7 +717,7 @@ impl Driver {
 
     #[cfg(feature = "fault-injection")]
     async fn failures_waiting(&self) -> Result<usize, String> {
-        self.store()?
+        self.sled()?
             .sync_failures_waiting()
             .await
             .map_err(|e| e.to_string())
@@ -864,7 +966,7 @@ impl Driver {
             }
             Op::Sweep => {
                 let report = self
-                    .store()?
+                    .sled()?
                     .sweep_expired()
                     .await
                     .map_err(failed("sweep"))?;
@@ -874,7 +976,7 @@ impl Driver {
                 }
             }
             Op::List => {
-                let store = self.store()?;
+                let store = self.sled()?;
                 let list = |state, after: Option<MessageId>, limit| async move {
                     store
                         .list(state, after.as_ref(), limit)
@@ -935,7 +1037,7 @@ impl Driver {
 
     #[cfg(feature = "fault-injection")]
     async fn inject_sync_failure(&mut self, now: bool) -> Result<(), String> {
-        self.store()?
+        self.sled()?
             .inject_sync_failure(now)
             .await
             .map_err(|e| format!("injecting a sync failure: {e}"))?;
