@@ -1,0 +1,353 @@
+//! What only the Redis engine has: the durability check at open, expiry
+//! set on the server, the function library reloaded by a server that lost
+//! it, a server killed and restarted mid-run (no acknowledged `Done` lost,
+//! no token handed out twice), a connection dropped or timed out mid-call
+//! (a clear error, never a wrong answer), and keys spread over a cluster.
+#![cfg(feature = "redis")]
+
+mod redis_server;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis_server::{Cluster, Server};
+use sled_idempotency::{
+    ClaimResult, Durability, Error, ManualClock, MessageId, RedisIdempotencyStore, State,
+};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const TTL: Duration = Duration::from_secs(60);
+
+fn lease(result: ClaimResult) -> sled_idempotency::Lease {
+    match result {
+        ClaimResult::Acquired(lease) => lease,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+/// The integer reply of an inline command (`:n`).
+fn integer(server: &Server, args: &[&str]) -> i64 {
+    let reply = server.command(args).expect("server reachable");
+    reply
+        .trim()
+        .strip_prefix(':')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{args:?}: not an integer reply: {reply:?}"))
+}
+
+/// The record key of `id` in the default namespace.
+fn record_key(id: &MessageId) -> String {
+    let hex = id.as_uuid().simple().to_string();
+    format!("sid:{{{}}}:default:{hex}", &hex[28..])
+}
+
+/// Runs `call` until it stops failing on a connection the server dropped
+/// (the store reconnects by itself), for at most 20 s.
+async fn retried<T, F, Fut>(mut call: F) -> sled_idempotency::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = sled_idempotency::Result<T>>,
+{
+    for _ in 0..400 {
+        match call().await {
+            Err(Error::Redis { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => return other,
+        }
+    }
+    call().await
+}
+
+#[tokio::test]
+async fn sync_needs_every_write_fsynced_before_the_answer() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let open = |url: String| {
+        RedisIdempotencyStore::builder(url)
+            .durability(Durability::Sync)
+            .open()
+    };
+    let plain = Server::start();
+    let refused = open(plain.url()).await.expect_err("no AOF: refused");
+    assert!(refused.to_string().contains("appendonly yes"), "{refused}");
+    let everysec = Server::with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let refused = open(everysec.url()).await.expect_err("everysec: refused");
+    assert!(
+        refused.to_string().contains("appendfsync always"),
+        "{refused}"
+    );
+    let durable = Server::durable();
+    let store = open(durable.url()).await?;
+    assert_eq!(store.durability(), Durability::Sync);
+    // `Flush` asks nothing of the server.
+    RedisIdempotencyStore::builder(plain.url())
+        .durability(Durability::Flush)
+        .open()
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn records_expire_on_the_server_when_they_are_forgotten() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let server = Server::start();
+    let pending_retention = Duration::from_secs(3600);
+    // The server's clock decides (no clock given).
+    let store = RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Flush)
+        .pending_retention(pending_retention)
+        .default_ttl(Duration::from_secs(90))
+        .open()
+        .await?;
+    let id = MessageId::new();
+    let claimed = lease(store.claim(&id, TTL).await?);
+    let expire = |id: &MessageId| integer(&server, &["PEXPIRETIME", &record_key(id)]) as u64;
+    assert_eq!(
+        expire(&id),
+        claimed.expires_at() + 3_600_000,
+        "pending: expiry + retention"
+    );
+    assert!(
+        store.get(&id).await?.is_some(),
+        "live by the server's clock"
+    );
+    store.complete(&claimed).await?;
+    let done = store.get_record(&id).await?.expect("done record");
+    assert_eq!(done.state, State::Done);
+    assert_eq!(expire(&id), done.expires_at, "done: at its expiry");
+    let late = MessageId::new();
+    store.mark_done(&late).await?;
+    let record = store.get_record(&late).await?.expect("late done");
+    assert_eq!(record.ttl_ms, 90_000);
+    assert_eq!(expire(&late), record.expires_at);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_server_that_lost_the_functions_gets_them_again() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let mut server = Server::start(); // keeps nothing across a restart
+    let store = RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Flush)
+        .open()
+        .await?;
+    lease(store.claim(&MessageId::new(), TTL).await?);
+    server.restart();
+    let listed = server.command(&["FUNCTION", "LIST"]).expect("reachable");
+    assert!(
+        !listed.contains("sled_idempotency"),
+        "the restart lost them"
+    );
+    let id = MessageId::new();
+    lease(retried(|| store.claim(&id, TTL)).await?);
+    let listed = server.command(&["FUNCTION", "LIST"]).expect("reachable");
+    assert!(listed.contains("sled_idempotency_1"), "{listed}");
+    Ok(())
+}
+
+/// Workers claim and complete while the server (`appendfsync always`,
+/// `Durability::Sync`) is killed with SIGKILL and restarted, three times.
+/// Every completion acknowledged before a kill is still done after it, and
+/// no token is handed out twice or below one handed out before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_loses_no_acknowledged_done_and_reissues_no_token() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let mut server = Server::durable();
+    let store = RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Sync)
+        .response_timeout(Duration::from_secs(2))
+        .open()
+        .await?;
+    let done: Arc<Mutex<Vec<MessageId>>> = Arc::default();
+    let mut tokens = HashSet::new();
+    let mut highest = 0;
+    for round in 0..3 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acquired: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, stop) = (store.clone(), stop.clone());
+                let (done, acquired) = (done.clone(), acquired.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let id = MessageId::new();
+                        let Ok(ClaimResult::Acquired(lease)) = store.claim(&id, TTL).await else {
+                            break; // the server went away: an unknown outcome
+                        };
+                        acquired.lock().expect("lock").push(lease.token());
+                        if store.complete(&lease).await.is_err() {
+                            break;
+                        }
+                        done.lock().expect("lock").push(id);
+                    }
+                })
+            })
+            .collect();
+        // Kill once this round has acknowledged some completions.
+        let target = (round + 1) * 150;
+        while done.lock().expect("lock").len() < target {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.kill();
+        stop.store(true, Ordering::SeqCst);
+        for worker in workers {
+            worker.await?;
+        }
+        server.restart();
+        let before: Vec<u64> = acquired.lock().expect("lock").clone();
+        for token in &before {
+            assert!(tokens.insert(*token), "token {token} handed out twice");
+            assert!(
+                *token > highest,
+                "token {token} not above {highest}, from before the kill"
+            );
+        }
+        let max_before = before.iter().copied().max().unwrap_or(0);
+        let acknowledged = done.lock().expect("lock").clone();
+        for id in &acknowledged {
+            let answer = retried(|| store.claim(id, TTL)).await?;
+            assert!(
+                matches!(answer, ClaimResult::Done { .. }),
+                "round {round}: acknowledged done {id} lost: {answer:?}"
+            );
+        }
+        let next = MessageId::new();
+        let fresh = lease(retried(|| store.claim(&next, TTL)).await?);
+        assert!(
+            fresh.token() > max_before,
+            "after the restart: token {} not above {max_before}",
+            fresh.token()
+        );
+        highest = fresh.token();
+        tokens.insert(highest);
+        eprintln!(
+            "round {round}: {} acknowledged done records survived the kill",
+            acknowledged.len()
+        );
+    }
+    Ok(())
+}
+
+/// Paused server, then the store's connection killed while its claim
+/// waits: the call fails and says the outcome is unknown, and the claim
+/// was indeed not applied. A timed-out call is also an unknown outcome, and
+/// what it applied shows afterwards as a duplicate, never as a second
+/// lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_or_timed_out_call_is_an_unknown_outcome_not_a_wrong_answer() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let server = Server::start();
+    let clock = ManualClock::new(4_000_000_000_000);
+    let store = RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Flush)
+        .response_timeout(Duration::from_secs(30))
+        .clock(clock)
+        .open()
+        .await?;
+    let blocked = || {
+        server
+            .command(&["INFO", "clients"])
+            .is_some_and(|info| info.contains("blocked_clients:1"))
+    };
+
+    // 1. The connection drops while the claim waits on the paused server.
+    let id = MessageId::new();
+    server.command(&["CLIENT", "PAUSE", "30000", "WRITE"]);
+    let call = tokio::spawn({
+        let (store, id) = (store.clone(), id.clone());
+        async move { store.claim(&id, TTL).await }
+    });
+    while !blocked() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    server.command(&["CLIENT", "UNPAUSE"]);
+    match call.await? {
+        Err(
+            e @ Error::Redis {
+                outcome_unknown: true,
+                ..
+            },
+        ) => {
+            assert!(e.to_string().contains("may or may not have applied"), "{e}");
+        }
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+    let again = retried(|| store.claim(&id, TTL)).await?;
+    assert_eq!(
+        lease(again).attempt(),
+        1,
+        "the dropped claim was not applied"
+    );
+
+    // 2. The reply does not come within the response timeout.
+    let impatient = RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Flush)
+        .response_timeout(Duration::from_millis(200))
+        .clock(ManualClock::new(4_000_000_000_000))
+        .open()
+        .await?;
+    let id = MessageId::new();
+    server.command(&["CLIENT", "PAUSE", "1000", "WRITE"]);
+    match impatient.claim(&id, TTL).await {
+        Err(Error::Redis {
+            outcome_unknown: true,
+            ..
+        }) => {}
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+    server.command(&["CLIENT", "UNPAUSE"]);
+    // The server ran it once unpaused: the key is claimed, by a lease
+    // nobody was given, and a second claim says so instead of taking it.
+    let answer = retried(|| impatient.claim(&id, TTL)).await?;
+    assert!(
+        matches!(answer, ClaimResult::InProgress { attempts: 1, .. }),
+        "{answer:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_cluster_node_opens_the_cluster_and_keys_spread_over_every_master() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let cluster = Cluster::start();
+    let mut stores = Vec::new();
+    for node in &cluster.nodes {
+        let store = RedisIdempotencyStore::builder(node.url())
+            .durability(Durability::Flush)
+            .open()
+            .await?;
+        assert!(store.is_cluster(), "{} opens the cluster", node.url());
+        stores.push(store);
+    }
+    let ids: Vec<MessageId> = (0..300).map(|_| MessageId::new()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        lease(stores[i % 3].claim(id, TTL).await?);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        // Every node's store sees every claim, whichever master holds it.
+        let answer = stores[(i + 1) % 3].claim(id, TTL).await?;
+        assert!(
+            matches!(answer, ClaimResult::InProgress { .. }),
+            "{answer:?}"
+        );
+    }
+    for node in &cluster.nodes {
+        let keys = integer(node, &["DBSIZE"]);
+        assert!(keys > 50, "a master holds only {keys} keys");
+    }
+    Ok(())
+}
