@@ -1,5 +1,6 @@
 //! What only the Redis engine has: the durability check at open, expiry
-//! set on the server, the function library reloaded by a server that lost
+//! set on the server, corrupted records reported by key and left alone,
+//! the function library reloaded by a server that lost
 //! it, a server killed and restarted mid-run (no acknowledged `Done` lost,
 //! no token handed out twice), a connection dropped or timed out mid-call
 //! (a clear error, never a wrong answer), and keys spread over a cluster.
@@ -125,6 +126,40 @@ async fn records_expire_on_the_server_when_they_are_forgotten() -> TestResult {
     let record = store.get_record(&late).await?.expect("late done");
     assert_eq!(record.ttl_ms, 90_000);
     assert_eq!(expire(&late), record.expires_at);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupted_record_is_reported_by_key_and_never_overwritten() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let server = Server::start();
+    let store = RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Flush)
+        .open()
+        .await?;
+    let (garbage, hash) = (MessageId::new(), MessageId::new());
+    server.command(&["SET", &record_key(&garbage), "not a record"]);
+    server.command(&["HSET", &record_key(&hash), "s", "p"]);
+    for id in [&garbage, &hash] {
+        for answer in [
+            store.claim(id, TTL).await.map(|_| ()),
+            store.mark_done(id).await,
+            store.release(id).await,
+            store.get_record(id).await.map(|_| ()),
+        ] {
+            match answer {
+                Err(Error::Corrupt { key, .. }) => assert_eq!(key, id.to_string()),
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+        }
+    }
+    let kept = server
+        .command(&["GET", &record_key(&garbage)])
+        .expect("reachable");
+    assert!(kept.contains("not a record"), "left as it was: {kept}");
+    lease(store.claim(&MessageId::new(), TTL).await?); // other keys unaffected
     Ok(())
 }
 

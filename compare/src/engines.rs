@@ -13,12 +13,12 @@ use sled_idempotency::{Durability, MessageId, SledIdempotencyStore};
 use crate::Settings;
 use crate::measure::Sample;
 
-const TTL: Duration = Duration::from_secs(3600);
+pub const TTL: Duration = Duration::from_secs(3600);
 
 /// Keys never repeat across engines or runs of one process.
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
-fn fresh() -> u64 {
+pub fn fresh() -> u64 {
     NEXT_KEY.fetch_add(1, Ordering::Relaxed)
 }
 
@@ -112,45 +112,61 @@ impl Engine for Ours {
     }
 
     fn run(&self, tasks: usize, settings: &Settings) -> Sample {
-        let (warmup, measure) = (settings.warmup, settings.measure);
-        self.runtime.block_on(async {
-            let barrier = Arc::new(tokio::sync::Barrier::new(tasks));
-            let start = Arc::new(std::sync::OnceLock::new());
-            let handles: Vec<_> = (0..tasks)
-                .map(|_| {
-                    let (store, barrier, start) =
-                        (self.store.clone(), barrier.clone(), start.clone());
-                    tokio::spawn(async move {
-                        let store = &store;
-                        let claim = |n: u64| async move {
-                            let key = MessageId::from_uuid(uuid::Uuid::from_u128(u128::from(n)));
-                            store.try_claim(&key, TTL).await.expect("claim");
-                        };
-                        barrier.wait().await;
-                        let warm_until = Instant::now() + warmup;
-                        while Instant::now() < warm_until {
-                            claim(fresh()).await;
-                        }
-                        barrier.wait().await;
-                        let begin = *start.get_or_init(Instant::now);
-                        let mut latencies = Vec::new();
-                        while begin.elapsed() < measure {
-                            let t = Instant::now();
-                            claim(fresh()).await;
-                            latencies.push(t.elapsed().as_nanos() as u64);
-                        }
-                        latencies
-                    })
-                })
-                .collect();
-            let mut parts = Vec::new();
-            for h in handles {
-                parts.push(h.await.expect("task"));
+        let store = self.store.clone();
+        let claim = move |n: u64| {
+            let store = store.clone();
+            async move {
+                let key = MessageId::from_uuid(uuid::Uuid::from_u128(u128::from(n)));
+                store.try_claim(&key, TTL).await.expect("claim");
             }
-            let elapsed = start.get().map_or(measure, |s: &Instant| s.elapsed());
-            Sample::merge(parts, elapsed)
-        })
+        };
+        self.runtime
+            .block_on(run_tasks(tasks, settings, fresh, claim))
     }
+}
+
+/// Runs `tasks` tokio tasks, each calling `claim(next())` in a loop: a
+/// warm-up, then `settings.measure` of timed calls.
+pub async fn run_tasks<F, Fut>(
+    tasks: usize,
+    settings: &Settings,
+    next: fn() -> u64,
+    claim: F,
+) -> Sample
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let (warmup, measure) = (settings.warmup, settings.measure);
+    let barrier = Arc::new(tokio::sync::Barrier::new(tasks));
+    let start = Arc::new(std::sync::OnceLock::new());
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (claim, barrier, start) = (claim.clone(), barrier.clone(), start.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let warm_until = Instant::now() + warmup;
+                while Instant::now() < warm_until {
+                    claim(next()).await;
+                }
+                barrier.wait().await;
+                let begin = *start.get_or_init(Instant::now);
+                let mut latencies = Vec::new();
+                while begin.elapsed() < measure {
+                    let t = Instant::now();
+                    claim(next()).await;
+                    latencies.push(t.elapsed().as_nanos() as u64);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut parts = Vec::new();
+    for h in handles {
+        parts.push(h.await.expect("task"));
+    }
+    let elapsed = start.get().map_or(measure, |s: &Instant| s.elapsed());
+    Sample::merge(parts, elapsed)
 }
 
 /// Opens raw sled at `path` configured as the store configures it: the
@@ -335,8 +351,12 @@ impl Redis {
         Err("redis-server did not answer PING within 10 s".into())
     }
 
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
     fn client(&self) -> redis::RedisResult<redis::Client> {
-        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+        redis::Client::open(self.url())
     }
 
     fn ping(&self) -> redis::RedisResult<()> {
@@ -376,6 +396,17 @@ impl Drop for Redis {
     }
 }
 
+/// `SET n p NX PX ttl`: the claim Redis users write by hand.
+pub fn set_nx(n: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(n)
+        .arg("p")
+        .arg("NX")
+        .arg("PX")
+        .arg(TTL.as_millis() as u64);
+    cmd
+}
+
 /// Redis `SET key value NX PX ttl`.
 pub struct RedisEngine {
     client: redis::Client,
@@ -397,14 +428,7 @@ impl Engine for RedisEngine {
             settings,
             || self.client.get_connection().expect("redis connection"),
             |conn, n| {
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(n)
-                    .arg("p")
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(TTL.as_millis() as u64)
-                    .query(conn)
-                    .expect("SET NX");
+                let set: Option<String> = set_nx(n).query(conn).expect("SET NX");
                 if set.is_none() {
                     let _: Option<String> = redis::cmd("GET").arg(n).query(conn).expect("GET");
                 }

@@ -9,6 +9,7 @@
 
 mod engines;
 mod measure;
+mod redis_engine;
 
 use std::time::Duration;
 
@@ -76,7 +77,11 @@ fn main() {
             "sweep" => println!("{}", measure::sweep_impact(&settings)),
             "space" => println!("{}", measure::space_and_reopen(&settings)),
             "scans" => println!("{}", measure::scans(&settings)),
-            other => eprintln!("unknown section {other}: use sweep, space or scans"),
+            "redis" => match &redis {
+                Some(server) => println!("{}", redis_engine::section(&settings, server)),
+                None => eprintln!("the redis section needs redis-server"),
+            },
+            other => eprintln!("unknown section {other}: use sweep, space, scans or redis"),
         }
         return;
     }
@@ -116,6 +121,9 @@ fn main() {
         }
     }
     println!("{}", measure::table(&rows));
+    if let Some(server) = &redis {
+        println!("{}", redis_engine::section(&settings, server));
+    }
 
     println!("{}", measure::sweep_impact(&settings));
     println!("{}", measure::space_and_reopen(&settings));

@@ -9,7 +9,6 @@
 
 mod conn;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -409,11 +408,20 @@ impl RedisIdempotencyStore {
         let mut all: Vec<&[u8]> = vec![now.as_bytes(), pending.as_bytes(), done.as_bytes()];
         all.extend_from_slice(args);
         let (record, counter) = self.keys(key);
-        let reply = shared
+        match shared
             .conn
             .fcall(context, name, [&record, &counter], &all)
-            .await?;
-        Ok(Reply(reply))
+            .await
+        {
+            Ok(reply) => Ok(Reply(reply)),
+            Err(Error::Redis { source, .. }) if source.code() == Some("CORRUPT") => {
+                Err(Error::Corrupt {
+                    key: key.to_string(),
+                    reason: source.detail().unwrap_or("not a record").to_owned(),
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn ttl_ms(ttl: Duration) -> Result<u64> {
@@ -616,7 +624,7 @@ impl RedisIdempotencyStore {
     }
 
     /// The live record for `key`, or `None` if it is absent or expired, by
-    /// the store's clock. One `HGETALL`.
+    /// the store's clock.
     pub async fn get(&self, key: &MessageId) -> Result<Option<Record>> {
         let now = match &self.shared.clock {
             Some(clock) => clock.now_millis(),
@@ -638,26 +646,26 @@ impl RedisIdempotencyStore {
 
     /// The record stored for `key`, live or expired, until the server
     /// expires it (at the moment every operation starts treating it as
-    /// absent).
+    /// absent). One round trip (a read-only function).
     pub async fn get_record(&self, key: &MessageId) -> Result<Option<Record>> {
-        self.check_open()?;
-        let (record, _) = self.keys(key);
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(&record);
-        let value = self
-            .shared
-            .conn
-            .query(&cmd)
-            .await
-            .map_err(redis_error("reading a record"))?;
-        let fields: HashMap<String, Vec<u8>> = parse(value, "reading a record")?;
-        if fields.is_empty() {
+        let reply = self.call("reading a record", "sid1_get", key, &[]).await?;
+        if reply.0.is_empty() {
             return Ok(None);
         }
-        decode(&fields).map(Some).map_err(|reason| Error::Corrupt {
-            key: key.to_string(),
-            reason,
-        })
+        let state = match reply.outcome() {
+            b"p" => State::Pending,
+            b"d" => State::Done,
+            _ => return Err(reply.unexpected()),
+        };
+        Ok(Some(Record {
+            state,
+            expires_at: reply.int(1)?,
+            token: reply.int(2)?,
+            attempts: reply.attempts(3)?,
+            ttl_ms: reply.int(4)?,
+            fingerprint: reply.bytes(5),
+            result: reply.bytes(6),
+        }))
     }
 
     /// Marks every handle of this store closed: later calls return
@@ -672,35 +680,6 @@ impl RedisIdempotencyStore {
 
 fn parse<T: redis::FromRedisValue>(value: Value, context: &'static str) -> Result<T> {
     redis::from_redis_value(value).map_err(|e| redis_error(context)(e.into()))
-}
-
-/// A record from its hash fields.
-fn decode(fields: &HashMap<String, Vec<u8>>) -> std::result::Result<Record, String> {
-    let text = |name: &str| -> std::result::Result<&str, String> {
-        let bytes = fields
-            .get(name)
-            .ok_or_else(|| format!("field {name} is missing"))?;
-        std::str::from_utf8(bytes).map_err(|_| format!("field {name} is not text"))
-    };
-    let number = |name: &str| -> std::result::Result<u64, String> {
-        text(name)?
-            .parse()
-            .map_err(|_| format!("field {name} is not a number"))
-    };
-    let state = match text("s")? {
-        "p" => State::Pending,
-        "d" => State::Done,
-        other => return Err(format!("unknown state {other:?}")),
-    };
-    Ok(Record {
-        state,
-        expires_at: number("e")?,
-        token: number("t")?,
-        attempts: u32::try_from(number("a")?).map_err(|_| "attempts out of range".to_string())?,
-        ttl_ms: number("l")?,
-        fingerprint: fields.get("f").cloned(),
-        result: fields.get("r").cloned(),
-    })
 }
 
 #[async_trait]
