@@ -6,6 +6,7 @@
 mod clock;
 mod config;
 mod error;
+mod front;
 #[cfg(test)]
 mod latch_tests;
 mod lease;

@@ -16,10 +16,11 @@ use tokio::task::JoinHandle;
 use crate::clock::{Clock, millis};
 use crate::config::Builder;
 use crate::error::{Error, Result};
-use crate::lease::{ClaimResult, Lease};
-use crate::machine::{self, Claim, Complete, Done, Release, Retention};
+use crate::front::{self, Acquired, Finished};
+use crate::lease::ClaimResult;
+use crate::machine::{self, Claim, Complete, Done, Holder, Release, Retention};
 use crate::namespace::{Space, validate_namespace};
-use crate::record::{MAX_FINGERPRINT_LEN, Record, State};
+use crate::record::{Record, State};
 use crate::sled::Open;
 use crate::sled::flusher::{Flusher, Syncer};
 use crate::sled::keyspace::{cas, decode_at, key_bytes, next_token, remove};
@@ -122,17 +123,6 @@ impl Closed {
             Closed::TimedOut(waited) => Err(Error::DurabilityTimeout { waited: *waited }),
         }
     }
-}
-
-/// What a claim got: a lease (built into a [`Lease`] only for the lease
-/// API; the trait's `try_claim` needs just the outcome) or what it found.
-enum Acquired {
-    Lease {
-        token: u64,
-        expires_at: u64,
-        attempts: u32,
-    },
-    Not(ClaimResult),
 }
 
 /// What one step of a read-decide-swap loop does.
@@ -298,146 +288,23 @@ impl SledIdempotencyStore {
         }
     }
 
-    /// Claims `key` for `ttl` if it is absent or expired: the `bus-core`
-    /// operation. See [`claim`](Self::claim) for the lease-returning form.
-    pub async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimOutcome> {
-        Ok(match self.acquire(key, ttl, None).await? {
-            Acquired::Lease { .. } => ClaimOutcome::Claimed,
-            Acquired::Not(ClaimResult::Done { .. }) => ClaimOutcome::AlreadyDone,
-            Acquired::Not(_) => ClaimOutcome::AlreadyPending,
-        })
-    }
+    front::operations!();
 
-    /// Claims `key` for `ttl` and, if it was free, returns the [`Lease`];
-    /// otherwise what holds it.
-    pub async fn claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimResult> {
-        Ok(self.lease(key, self.acquire(key, ttl, None).await?))
-    }
-
-    fn lease(&self, key: &MessageId, acquired: Acquired) -> ClaimResult {
-        match acquired {
-            Acquired::Lease {
-                token,
-                expires_at,
-                attempts,
-            } => ClaimResult::Acquired(Lease {
-                key: key.clone(),
-                namespace: self.space.name.clone(),
-                token,
-                expires_at,
-                attempt: attempts,
-            }),
-            Acquired::Not(found) => found,
-        }
-    }
-
-    /// Like [`claim`](Self::claim), recording `fingerprint` (a hash of the
-    /// payload, at most 64 bytes). A later fingerprinted claim of the same
-    /// live key with a different fingerprint returns
-    /// [`ClaimResult::Conflict`] instead of a duplicate.
-    pub async fn claim_with_fingerprint(
-        &self,
-        key: &MessageId,
-        ttl: Duration,
-        fingerprint: &[u8],
-    ) -> Result<ClaimResult> {
-        if fingerprint.len() > MAX_FINGERPRINT_LEN {
-            return Err(Error::FingerprintTooLong {
-                len: fingerprint.len(),
-                max: MAX_FINGERPRINT_LEN,
-            });
-        }
-        Ok(self.lease(key, self.acquire(key, ttl, Some(fingerprint)).await?))
-    }
-
-    async fn acquire(
-        &self,
-        key: &MessageId,
-        ttl: Duration,
-        fingerprint: Option<&[u8]>,
-    ) -> Result<Acquired> {
-        let ttl_ms = millis(ttl);
-        if ttl_ms == 0 {
-            return Err(Error::TtlTooShort { ttl });
-        }
-        let guard = self.inner.state.read().await;
-        let open = guard.as_ref().ok_or(Error::Closed)?;
-        open.flusher.check()?;
-        let tree = self.tree(open)?;
-        let counters = &self.space.counters;
-        let bytes = key_bytes(key);
-        // Optimistic: assume the key is absent, so a new key costs one CAS.
-        let mut current: Option<IVec> = None;
-        loop {
-            let now = self.inner.clock.now_millis();
-            let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
-            let record = decode_at(&bytes, current.as_deref())?;
-            let rules = self.inner.retention;
-            let attempts = match machine::claim(record.as_ref(), now, rules, fingerprint) {
-                Claim::Take { attempts } => attempts,
-                found => return Ok(Acquired::Not(self.duplicate(key, &found, record))),
-            };
-            let token = open.latch_on(next_token(&open.db))?;
-            let record = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint);
-            match open.latch_on(cas(tree, &bytes, current.as_deref(), Some(record.encode())))? {
-                Ok(()) => {}
-                Err(found) => {
-                    current = found;
-                    continue;
-                }
-            }
-            // Fencing tokens must increase along each key's history. A
-            // token drawn after reading the record it replaces is larger
-            // than that record's, but a claim of an absent key may have
-            // drawn its token before a slower claim with a larger one came
-            // and went (released, abandoned or swept) ahead of it. Every
-            // removal first raises `removed_tokens`, so a claim that landed
-            // on an absent key and sees a larger removed token re-stamps its
-            // record with a fresh token while it holds it.
-            let Some(token) = self.restamp(open, tree, &bytes, current.is_none(), record)? else {
-                current = tree
-                    .get(bytes)
-                    .map_err(Error::storage("reading a record"))?;
-                continue; // expired and taken over while re-stamping: start again
-            };
-            self.space.pending.claimed(&bytes);
-            open.flusher.write_completed().await?;
-            Counters::bump(&counters.claims);
-            tracing::debug!(key = %key, namespace = %self.space.name, token, attempts, "claimed");
-            return Ok(Acquired::Lease {
-                token,
-                expires_at,
-                attempts,
-            });
-        }
-    }
-
-    /// What a claim that found `record` reports, counted and logged.
-    fn duplicate(&self, key: &MessageId, found: &Claim, record: Option<Record>) -> ClaimResult {
-        let counters = &self.space.counters;
+    /// What a claim that found `record` reports.
+    fn duplicate(found: &Claim, record: Option<Record>) -> ClaimResult {
         // Only `Claim::Take` comes from an absent key; the default is never used.
         let record = record.unwrap_or_else(empty_record);
         match found {
-            Claim::AlreadyDone => {
-                Counters::bump(&counters.duplicates_done);
-                ClaimResult::Done {
-                    result: record.result,
-                }
-            }
-            Claim::Conflict => {
-                Counters::bump(&counters.fingerprint_conflicts);
-                tracing::warn!(key = %key, namespace = %self.space.name, "claim with a different payload fingerprint");
-                ClaimResult::Conflict {
-                    done: record.state == State::Done,
-                }
-            }
-            Claim::AlreadyPending | Claim::Take { .. } => {
-                Counters::bump(&counters.duplicates_pending);
-                ClaimResult::InProgress {
-                    expires_at: record.expires_at,
-                    attempts: record.attempts,
-                }
-            }
+            Claim::AlreadyDone => ClaimResult::Done {
+                result: record.result,
+            },
+            Claim::Conflict => ClaimResult::Conflict {
+                done: record.state == State::Done,
+            },
+            Claim::AlreadyPending | Claim::Take { .. } => ClaimResult::InProgress {
+                expires_at: record.expires_at,
+                attempts: record.attempts,
+            },
         }
     }
 
@@ -466,154 +333,6 @@ impl SledIdempotencyStore {
             }
         }
         Ok(Some(record.token))
-    }
-
-    /// Records that the handler for `key` ran to completion (the `bus-core`
-    /// operation, with no lease check).
-    pub async fn mark_done(&self, key: &MessageId) -> Result<()> {
-        let retention = self.inner.retention;
-        let late = self
-            .update(key, |current, now| {
-                Ok(match machine::done(current, now, retention) {
-                    Done::AlreadyDone => Step::Keep(None),
-                    Done::Write { record, late } => Step::Put(record, Some(late)),
-                })
-            })
-            .await?;
-        let counters = &self.space.counters;
-        match late {
-            Some(true) => {
-                Counters::bump(&counters.late_completions);
-                tracing::warn!(key = %key, namespace = %self.space.name, "late completion: marked done with no claim on record");
-            }
-            Some(false) => {
-                Counters::bump(&counters.completions);
-                tracing::debug!(key = %key, namespace = %self.space.name, "marked done");
-            }
-            None => {}
-        }
-        Ok(())
-    }
-
-    /// Gives up a pending claim so the message can be retried (the
-    /// `bus-core` operation, with no lease check). A completed record is
-    /// never erased.
-    pub async fn release(&self, key: &MessageId) -> Result<()> {
-        let removed = self
-            .update(key, |current, now| {
-                Ok(match machine::release(current, now, self.inner.retention) {
-                    Release::Remove => Step::Remove(true),
-                    Release::Keep => Step::Keep(false),
-                })
-            })
-            .await?;
-        if removed {
-            Counters::bump(&self.space.counters.releases);
-            tracing::debug!(key = %key, namespace = %self.space.name, "released");
-        }
-        Ok(())
-    }
-
-    /// Marks the leased key done, if the record still holds the lease.
-    /// Completing twice with the same lease is fine.
-    pub async fn complete(&self, lease: &Lease) -> Result<()> {
-        self.finish(lease, None).await
-    }
-
-    /// Marks the leased key done and caches `result` for later claims of the
-    /// key ([`ClaimResult::Done`]). Results over the builder's
-    /// `max_result_size` are refused, with the record left unchanged.
-    pub async fn complete_with(&self, lease: &Lease, result: &[u8]) -> Result<()> {
-        if result.len() > self.inner.max_result_size {
-            return Err(Error::ResultTooLarge {
-                size: result.len(),
-                limit: self.inner.max_result_size,
-            });
-        }
-        self.finish(lease, Some(result)).await
-    }
-
-    async fn finish(&self, lease: &Lease, result: Option<&[u8]>) -> Result<()> {
-        let retention = self.inner.retention;
-        let wrote = self
-            .leased(lease, |current, now| {
-                let completed = machine::complete(current, lease.token, now, retention, result);
-                Ok(match completed.map_err(|holds| lease.lost(holds))? {
-                    Complete::Write(record) => Step::Put(record, true),
-                    Complete::AlreadyCompleted => Step::Keep(false),
-                    Complete::DifferentResult => {
-                        return Err(Error::DifferentResult {
-                            key: lease.key.to_string(),
-                            token: lease.token,
-                        });
-                    }
-                })
-            })
-            .await?;
-        if wrote {
-            Counters::bump(&self.space.counters.completions);
-            tracing::debug!(key = %lease.key, namespace = %self.space.name, token = lease.token, "completed");
-        }
-        Ok(())
-    }
-
-    /// Removes the leased claim so the message can be retried, if the record
-    /// still holds the lease.
-    pub async fn abandon(&self, lease: &Lease) -> Result<()> {
-        self.leased(lease, |current, now| {
-            machine::abandon(current, lease.token, now, self.inner.retention)
-                .map_err(|holds| lease.lost(holds))?;
-            Ok(Step::Remove(()))
-        })
-        .await?;
-        Counters::bump(&self.space.counters.releases);
-        tracing::debug!(key = %lease.key, namespace = %self.space.name, token = lease.token, "abandoned");
-        Ok(())
-    }
-
-    /// Pushes the leased claim's expiry to `now + ttl`, if the record still
-    /// holds the lease, and returns the lease with its new expiry. A long
-    /// handler calls this before its claim runs out, so that no other worker
-    /// takes the message over.
-    pub async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        let ttl_ms = millis(ttl);
-        if ttl_ms == 0 {
-            return Err(Error::TtlTooShort { ttl });
-        }
-        let expires_at = self
-            .leased(lease, |current, now| {
-                let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
-                let rules = self.inner.retention;
-                let record = machine::extend(current, lease.token, now, rules, expires_at)
-                    .map_err(|holds| lease.lost(holds))?;
-                Ok(Step::Put(record, expires_at))
-            })
-            .await?;
-        tracing::debug!(key = %lease.key, namespace = %self.space.name, token = lease.token, expires_at, "lease extended");
-        Ok(Lease {
-            expires_at,
-            ..lease.clone()
-        })
-    }
-
-    /// Runs a lease operation: checks the namespace, and counts and logs a
-    /// lost lease.
-    async fn leased<T, F>(&self, lease: &Lease, decide: F) -> Result<T>
-    where
-        F: Fn(Option<&Record>, u64) -> Result<Step<T>>,
-    {
-        if lease.namespace != self.space.name {
-            return Err(Error::WrongNamespace {
-                lease: lease.namespace.to_string(),
-                handle: self.space.name.to_string(),
-            });
-        }
-        let result = self.update(&lease.key, decide).await;
-        if let Err(Error::LeaseLost { holds, .. }) = &result {
-            Counters::bump(&self.space.counters.lease_conflicts);
-            tracing::warn!(key = %lease.key, namespace = %self.space.name, token = lease.token, holds = %holds, "lease no longer held");
-        }
-        result
     }
 
     /// Read, decide, compare-and-swap until the swap lands. Waits for
@@ -1036,6 +755,151 @@ impl IdempotencyStore for SledIdempotencyStore {
 
     async fn release(&self, key: &MessageId) -> Result<(), BusError> {
         Ok(SledIdempotencyStore::release(self, key).await?)
+    }
+}
+
+/// The sled engine's atomic operations: read, decide with `machine`,
+/// compare-and-swap, wait for durability.
+impl front::Engine for SledIdempotencyStore {
+    fn namespace(&self) -> &str {
+        &self.space.name
+    }
+
+    fn counters(&self) -> Option<&Counters> {
+        Some(&self.space.counters)
+    }
+
+    fn max_result_size(&self) -> usize {
+        self.inner.max_result_size
+    }
+
+    async fn acquire(
+        &self,
+        key: &MessageId,
+        ttl: Duration,
+        ttl_ms: u64,
+        fingerprint: Option<&[u8]>,
+    ) -> Result<Acquired> {
+        let guard = self.inner.state.read().await;
+        let open = guard.as_ref().ok_or(Error::Closed)?;
+        open.flusher.check()?;
+        let tree = self.tree(open)?;
+        let bytes = key_bytes(key);
+        // Optimistic: assume the key is absent, so a new key costs one CAS.
+        let mut current: Option<IVec> = None;
+        loop {
+            let now = self.inner.clock.now_millis();
+            let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
+            let record = decode_at(&bytes, current.as_deref())?;
+            let rules = self.inner.retention;
+            let attempts = match machine::claim(record.as_ref(), now, rules, fingerprint) {
+                Claim::Take { attempts } => attempts,
+                found => return Ok(Acquired::Not(Self::duplicate(&found, record))),
+            };
+            let token = open.latch_on(next_token(&open.db))?;
+            let record = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint);
+            match open.latch_on(cas(tree, &bytes, current.as_deref(), Some(record.encode())))? {
+                Ok(()) => {}
+                Err(found) => {
+                    current = found;
+                    continue;
+                }
+            }
+            // Fencing tokens must increase along each key's history. A
+            // token drawn after reading the record it replaces is larger
+            // than that record's, but a claim of an absent key may have
+            // drawn its token before a slower claim with a larger one came
+            // and went (released, abandoned or swept) ahead of it. Every
+            // removal first raises `removed_tokens`, so a claim that landed
+            // on an absent key and sees a larger removed token re-stamps its
+            // record with a fresh token while it holds it.
+            let Some(token) = self.restamp(open, tree, &bytes, current.is_none(), record)? else {
+                current = tree
+                    .get(bytes)
+                    .map_err(Error::storage("reading a record"))?;
+                continue; // expired and taken over while re-stamping: start again
+            };
+            self.space.pending.claimed(&bytes);
+            open.flusher.write_completed().await?;
+            return Ok(Acquired::Lease {
+                token,
+                expires_at,
+                attempts,
+            });
+        }
+    }
+
+    async fn done(&self, key: &MessageId) -> Result<Option<bool>> {
+        let retention = self.inner.retention;
+        self.update(key, |current, now| {
+            Ok(match machine::done(current, now, retention) {
+                Done::AlreadyDone => Step::Keep(None),
+                Done::Write { record, late } => Step::Put(record, Some(late)),
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, key: &MessageId) -> Result<bool> {
+        self.update(key, |current, now| {
+            Ok(match machine::release(current, now, self.inner.retention) {
+                Release::Remove => Step::Remove(true),
+                Release::Keep => Step::Keep(false),
+            })
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        key: &MessageId,
+        token: u64,
+        result: Option<&[u8]>,
+    ) -> Result<Result<Finished, Holder>> {
+        let retention = self.inner.retention;
+        self.update(key, |current, now| {
+            Ok(
+                match machine::complete(current, token, now, retention, result) {
+                    Ok(Complete::Write(record)) => Step::Put(record, Ok(Finished::Wrote)),
+                    Ok(Complete::AlreadyCompleted) => Step::Keep(Ok(Finished::Already)),
+                    Ok(Complete::DifferentResult) => Step::Keep(Ok(Finished::DifferentResult)),
+                    Err(holds) => Step::Keep(Err(holds)),
+                },
+            )
+        })
+        .await
+    }
+
+    async fn abandon(&self, key: &MessageId, token: u64) -> Result<Result<(), Holder>> {
+        self.update(key, |current, now| {
+            Ok(
+                match machine::abandon(current, token, now, self.inner.retention) {
+                    Ok(()) => Step::Remove(Ok(())),
+                    Err(holds) => Step::Keep(Err(holds)),
+                },
+            )
+        })
+        .await
+    }
+
+    async fn extend(
+        &self,
+        key: &MessageId,
+        token: u64,
+        ttl: Duration,
+        ttl_ms: u64,
+    ) -> Result<Result<u64, Holder>> {
+        self.update(key, |current, now| {
+            let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
+            let rules = self.inner.retention;
+            Ok(
+                match machine::extend(current, token, now, rules, expires_at) {
+                    Ok(record) => Step::Put(record, Ok(expires_at)),
+                    Err(holds) => Step::Keep(Err(holds)),
+                },
+            )
+        })
+        .await
     }
 }
 

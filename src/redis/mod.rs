@@ -23,10 +23,12 @@ use crate::config::{
     DEFAULT_DURABILITY, DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_TTL, Durability,
 };
 use crate::error::{Error, Result};
-use crate::lease::{ClaimResult, Lease};
+use crate::front::{self, Acquired, Finished};
+use crate::lease::ClaimResult;
 use crate::machine::Holder;
 use crate::namespace::{DEFAULT_NAMESPACE, validate_namespace};
-use crate::record::{MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, Record, State};
+use crate::record::{MAX_RESULT_LIMIT, Record, State};
+use crate::stats::Counters;
 
 /// Largest ttl or retention the Redis engine takes: 2^52 ms (about 142,000
 /// years). Its functions compute in Lua numbers, exact below 2^53.
@@ -424,204 +426,7 @@ impl RedisIdempotencyStore {
         }
     }
 
-    fn ttl_ms(ttl: Duration) -> Result<u64> {
-        let ms = millis(ttl);
-        if ms == 0 {
-            return Err(Error::TtlTooShort { ttl });
-        }
-        if ms >= REDIS_MAX_MILLIS {
-            return Err(Error::TtlOverflow { ttl });
-        }
-        Ok(ms)
-    }
-
-    /// Claims `key` for `ttl` if it is absent or expired: the `bus-core`
-    /// operation.
-    pub async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimOutcome> {
-        Ok(match self.claim(key, ttl).await? {
-            ClaimResult::Acquired(_) => ClaimOutcome::Claimed,
-            ClaimResult::Done { .. } => ClaimOutcome::AlreadyDone,
-            _ => ClaimOutcome::AlreadyPending,
-        })
-    }
-
-    /// Claims `key` for `ttl` and, if it was free, returns the [`Lease`];
-    /// otherwise what holds it. One round trip.
-    pub async fn claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimResult> {
-        self.acquire(key, ttl, None).await
-    }
-
-    /// Like [`claim`](Self::claim), recording `fingerprint` (at most 64
-    /// bytes); a later fingerprinted claim of the same live key with a
-    /// different one returns [`ClaimResult::Conflict`].
-    pub async fn claim_with_fingerprint(
-        &self,
-        key: &MessageId,
-        ttl: Duration,
-        fingerprint: &[u8],
-    ) -> Result<ClaimResult> {
-        if fingerprint.len() > MAX_FINGERPRINT_LEN {
-            return Err(Error::FingerprintTooLong {
-                len: fingerprint.len(),
-                max: MAX_FINGERPRINT_LEN,
-            });
-        }
-        self.acquire(key, ttl, Some(fingerprint)).await
-    }
-
-    async fn acquire(
-        &self,
-        key: &MessageId,
-        ttl: Duration,
-        fingerprint: Option<&[u8]>,
-    ) -> Result<ClaimResult> {
-        let ttl_ms = Self::ttl_ms(ttl)?.to_string();
-        let (flag, fp): (&[u8], &[u8]) = match fingerprint {
-            Some(fp) => (b"1", fp),
-            None => (b"0", b""),
-        };
-        let reply = self
-            .call(
-                "claiming",
-                "sid1_claim",
-                key,
-                &[ttl_ms.as_bytes(), flag, fp],
-            )
-            .await?;
-        Ok(match reply.outcome() {
-            b"claimed" => ClaimResult::Acquired(Lease {
-                key: key.clone(),
-                namespace: self.namespace.clone(),
-                token: reply.int(1)?,
-                expires_at: reply.int(2)?,
-                attempt: reply.attempts(3)?,
-            }),
-            b"pending" => ClaimResult::InProgress {
-                expires_at: reply.int(1)?,
-                attempts: reply.attempts(2)?,
-            },
-            b"done" => ClaimResult::Done {
-                result: reply.bytes(1),
-            },
-            b"conflict" => ClaimResult::Conflict {
-                done: reply.bytes(1).as_deref() == Some(b"d"),
-            },
-            _ => return Err(reply.unexpected()),
-        })
-    }
-
-    /// Records that the handler for `key` ran to completion (the `bus-core`
-    /// operation, with no lease check).
-    pub async fn mark_done(&self, key: &MessageId) -> Result<()> {
-        let default_ttl = self.shared.default_ttl_ms.to_string();
-        let reply = self
-            .call("marking done", "sid1_done", key, &[default_ttl.as_bytes()])
-            .await?;
-        match reply.outcome() {
-            b"completed" | b"already" => Ok(()),
-            b"late" => {
-                tracing::warn!(key = %key, namespace = %self.namespace, "late completion: marked done with no claim on record");
-                Ok(())
-            }
-            _ => Err(reply.unexpected()),
-        }
-    }
-
-    /// Gives up a pending claim so the message can be retried (the
-    /// `bus-core` operation, with no lease check). A completed record is
-    /// never erased.
-    pub async fn release(&self, key: &MessageId) -> Result<()> {
-        let reply = self.call("releasing", "sid1_release", key, &[]).await?;
-        match reply.outcome() {
-            b"removed" | b"kept" => Ok(()),
-            _ => Err(reply.unexpected()),
-        }
-    }
-
-    /// Marks the leased key done, if the record still holds the lease.
-    pub async fn complete(&self, lease: &Lease) -> Result<()> {
-        self.finish(lease, None).await
-    }
-
-    /// Marks the leased key done and caches `result` for later claims.
-    pub async fn complete_with(&self, lease: &Lease, result: &[u8]) -> Result<()> {
-        if result.len() > self.shared.max_result_size {
-            return Err(Error::ResultTooLarge {
-                size: result.len(),
-                limit: self.shared.max_result_size,
-            });
-        }
-        self.finish(lease, Some(result)).await
-    }
-
-    fn check_lease(&self, lease: &Lease) -> Result<String> {
-        if lease.namespace != self.namespace {
-            return Err(Error::WrongNamespace {
-                lease: lease.namespace.to_string(),
-                handle: self.namespace.to_string(),
-            });
-        }
-        Ok(lease.token.to_string())
-    }
-
-    async fn finish(&self, lease: &Lease, result: Option<&[u8]>) -> Result<()> {
-        let token = self.check_lease(lease)?;
-        let (flag, bytes): (&[u8], &[u8]) = match result {
-            Some(r) => (b"1", r),
-            None => (b"0", b""),
-        };
-        let args = [token.as_bytes(), flag, bytes];
-        let reply = self
-            .call("completing", "sid1_complete", &lease.key, &args)
-            .await?;
-        match reply.outcome() {
-            b"completed" | b"already" => Ok(()),
-            b"different" => Err(Error::DifferentResult {
-                key: lease.key.to_string(),
-                token: lease.token,
-            }),
-            b"lost" => Err(lease.lost(reply.holder()?)),
-            _ => Err(reply.unexpected()),
-        }
-    }
-
-    /// Removes the leased claim so the message can be retried, if the
-    /// record still holds the lease.
-    pub async fn abandon(&self, lease: &Lease) -> Result<()> {
-        let token = self.check_lease(lease)?;
-        let reply = self
-            .call(
-                "abandoning",
-                "sid1_abandon",
-                &lease.key,
-                &[token.as_bytes()],
-            )
-            .await?;
-        match reply.outcome() {
-            b"abandoned" => Ok(()),
-            b"lost" => Err(lease.lost(reply.holder()?)),
-            _ => Err(reply.unexpected()),
-        }
-    }
-
-    /// Pushes the leased claim's expiry to `now + ttl`, if the record still
-    /// holds the lease, and returns the lease with its new expiry.
-    pub async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        let token = self.check_lease(lease)?;
-        let ttl_ms = Self::ttl_ms(ttl)?.to_string();
-        let args = [token.as_bytes(), ttl_ms.as_bytes()];
-        let reply = self
-            .call("extending a lease", "sid1_extend", &lease.key, &args)
-            .await?;
-        match reply.outcome() {
-            b"extended" => Ok(Lease {
-                expires_at: reply.int(1)?,
-                ..lease.clone()
-            }),
-            b"lost" => Err(lease.lost(reply.holder()?)),
-            _ => Err(reply.unexpected()),
-        }
-    }
+    front::operations!();
 
     /// The live record for `key`, or `None` if it is absent or expired, by
     /// the store's clock.
@@ -680,6 +485,145 @@ impl RedisIdempotencyStore {
 
 fn parse<T: redis::FromRedisValue>(value: Value, context: &'static str) -> Result<T> {
     redis::from_redis_value(value).map_err(|e| redis_error(context)(e.into()))
+}
+
+/// A ttl within what the functions compute exactly (below 2^52 ms).
+fn bounded(ttl: Duration, ttl_ms: u64) -> Result<String> {
+    if ttl_ms >= REDIS_MAX_MILLIS {
+        return Err(Error::TtlOverflow { ttl });
+    }
+    Ok(ttl_ms.to_string())
+}
+
+/// The Redis engine's atomic operations: one function call each.
+impl front::Engine for RedisIdempotencyStore {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn counters(&self) -> Option<&Counters> {
+        None
+    }
+
+    fn max_result_size(&self) -> usize {
+        self.shared.max_result_size
+    }
+
+    async fn acquire(
+        &self,
+        key: &MessageId,
+        ttl: Duration,
+        ttl_ms: u64,
+        fingerprint: Option<&[u8]>,
+    ) -> Result<Acquired> {
+        let ttl_ms = bounded(ttl, ttl_ms)?;
+        let (flag, fp): (&[u8], &[u8]) = match fingerprint {
+            Some(fp) => (b"1", fp),
+            None => (b"0", b""),
+        };
+        let reply = self
+            .call(
+                "claiming",
+                "sid1_claim",
+                key,
+                &[ttl_ms.as_bytes(), flag, fp],
+            )
+            .await?;
+        Ok(match reply.outcome() {
+            b"claimed" => Acquired::Lease {
+                token: reply.int(1)?,
+                expires_at: reply.int(2)?,
+                attempts: reply.attempts(3)?,
+            },
+            b"pending" => Acquired::Not(ClaimResult::InProgress {
+                expires_at: reply.int(1)?,
+                attempts: reply.attempts(2)?,
+            }),
+            b"done" => Acquired::Not(ClaimResult::Done {
+                result: reply.bytes(1),
+            }),
+            b"conflict" => Acquired::Not(ClaimResult::Conflict {
+                done: reply.bytes(1).as_deref() == Some(b"d"),
+            }),
+            _ => return Err(reply.unexpected()),
+        })
+    }
+
+    async fn done(&self, key: &MessageId) -> Result<Option<bool>> {
+        let default_ttl = self.shared.default_ttl_ms.to_string();
+        let reply = self
+            .call("marking done", "sid1_done", key, &[default_ttl.as_bytes()])
+            .await?;
+        match reply.outcome() {
+            b"completed" => Ok(Some(false)),
+            b"late" => Ok(Some(true)),
+            b"already" => Ok(None),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    async fn release(&self, key: &MessageId) -> Result<bool> {
+        let reply = self.call("releasing", "sid1_release", key, &[]).await?;
+        match reply.outcome() {
+            b"removed" => Ok(true),
+            b"kept" => Ok(false),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &MessageId,
+        token: u64,
+        result: Option<&[u8]>,
+    ) -> Result<Result<Finished, Holder>> {
+        let token = token.to_string();
+        let (flag, bytes): (&[u8], &[u8]) = match result {
+            Some(r) => (b"1", r),
+            None => (b"0", b""),
+        };
+        let args = [token.as_bytes(), flag, bytes];
+        let reply = self.call("completing", "sid1_complete", key, &args).await?;
+        match reply.outcome() {
+            b"completed" => Ok(Ok(Finished::Wrote)),
+            b"already" => Ok(Ok(Finished::Already)),
+            b"different" => Ok(Ok(Finished::DifferentResult)),
+            b"lost" => Ok(Err(reply.holder()?)),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    async fn abandon(&self, key: &MessageId, token: u64) -> Result<Result<(), Holder>> {
+        let token = token.to_string();
+        let reply = self
+            .call("abandoning", "sid1_abandon", key, &[token.as_bytes()])
+            .await?;
+        match reply.outcome() {
+            b"abandoned" => Ok(Ok(())),
+            b"lost" => Ok(Err(reply.holder()?)),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    async fn extend(
+        &self,
+        key: &MessageId,
+        token: u64,
+        ttl: Duration,
+        ttl_ms: u64,
+    ) -> Result<Result<u64, Holder>> {
+        let ttl_ms = bounded(ttl, ttl_ms)?;
+        let token = token.to_string();
+        let args = [token.as_bytes(), ttl_ms.as_bytes()];
+        let reply = self
+            .call("extending a lease", "sid1_extend", key, &args)
+            .await?;
+        match reply.outcome() {
+            b"extended" => Ok(Ok(reply.int(1)?)),
+            b"lost" => Ok(Err(reply.holder()?)),
+            _ => Err(reply.unexpected()),
+        }
+    }
 }
 
 #[async_trait]

@@ -1,0 +1,368 @@
+//! The layer both engines share, above their atomic operations: argument
+//! checks, leases and their namespace, the `bus-core` outcomes, counters and
+//! logging. An engine ([`Engine`]) only reads, decides (as `machine` does)
+//! and writes one record; the public stores call these functions, so a rule
+//! about leases or arguments is written once for sled and Redis alike.
+
+use std::time::Duration;
+
+use bus_core::{ClaimOutcome, MessageId};
+
+use crate::clock::millis;
+use crate::error::{Error, Result};
+use crate::lease::{ClaimResult, Lease};
+use crate::machine::Holder;
+use crate::record::MAX_FINGERPRINT_LEN;
+use crate::stats::Counters;
+
+/// What a claim got: a lease (built into a [`Lease`] only for the lease
+/// API; the trait's `try_claim` needs just the outcome) or what it found.
+pub(crate) enum Acquired {
+    Lease {
+        token: u64,
+        expires_at: u64,
+        attempts: u32,
+    },
+    Not(ClaimResult),
+}
+
+/// What completing a lease did, when the record still held it (or its
+/// completion).
+pub(crate) enum Finished {
+    /// Wrote the done record.
+    Wrote,
+    /// This lease had completed the key already, with the same result or
+    /// with none given now.
+    Already,
+    /// This lease had completed the key with another result.
+    DifferentResult,
+}
+
+/// One engine's atomic operations on the records of one namespace. Each
+/// reads the record, decides with `machine` (sled) or the same rules on the
+/// server (Redis), writes, and waits for the durability the store was
+/// opened with. A lease operation answers `Err(holder)` when the record no
+/// longer holds the lease.
+pub(crate) trait Engine: Sync {
+    /// The namespace this handle works in.
+    fn namespace(&self) -> &str;
+    /// Its counters, where the engine keeps them.
+    fn counters(&self) -> Option<&Counters>;
+    /// The largest result `complete_with` may cache.
+    fn max_result_size(&self) -> usize;
+
+    fn acquire(
+        &self,
+        key: &MessageId,
+        ttl: Duration,
+        ttl_ms: u64,
+        fingerprint: Option<&[u8]>,
+    ) -> impl Future<Output = Result<Acquired>> + Send;
+
+    /// `Some(late)` when it wrote a done record (`late`: no claim was
+    /// remembered), `None` when the record was done already.
+    fn done(&self, key: &MessageId) -> impl Future<Output = Result<Option<bool>>> + Send;
+
+    /// Whether a pending claim was removed.
+    fn release(&self, key: &MessageId) -> impl Future<Output = Result<bool>> + Send;
+
+    fn complete(
+        &self,
+        key: &MessageId,
+        token: u64,
+        result: Option<&[u8]>,
+    ) -> impl Future<Output = Result<Result<Finished, Holder>>> + Send;
+
+    fn abandon(
+        &self,
+        key: &MessageId,
+        token: u64,
+    ) -> impl Future<Output = Result<Result<(), Holder>>> + Send;
+
+    /// The new expiry.
+    fn extend(
+        &self,
+        key: &MessageId,
+        token: u64,
+        ttl: Duration,
+        ttl_ms: u64,
+    ) -> impl Future<Output = Result<Result<u64, Holder>>> + Send;
+}
+
+fn bump(engine: &impl Engine, counter: impl Fn(&Counters) -> &std::sync::atomic::AtomicU64) {
+    if let Some(counters) = engine.counters() {
+        Counters::bump(counter(counters));
+    }
+}
+
+/// `ttl` in whole milliseconds, at least one.
+fn ttl_ms(ttl: Duration) -> Result<u64> {
+    match millis(ttl) {
+        0 => Err(Error::TtlTooShort { ttl }),
+        ms => Ok(ms),
+    }
+}
+
+/// The `bus-core` claim: the outcome only, no lease built.
+pub(crate) async fn try_claim<E: Engine>(
+    engine: &E,
+    key: &MessageId,
+    ttl: Duration,
+) -> Result<ClaimOutcome> {
+    Ok(match acquire(engine, key, ttl, None).await? {
+        Acquired::Lease { .. } => ClaimOutcome::Claimed,
+        Acquired::Not(ClaimResult::Done { .. }) => ClaimOutcome::AlreadyDone,
+        Acquired::Not(_) => ClaimOutcome::AlreadyPending,
+    })
+}
+
+/// A claim, optionally fingerprinted, with the lease it acquired.
+pub(crate) async fn claim<E: Engine>(
+    engine: &E,
+    key: &MessageId,
+    ttl: Duration,
+    fingerprint: Option<&[u8]>,
+) -> Result<ClaimResult> {
+    if let Some(fingerprint) = fingerprint
+        && fingerprint.len() > MAX_FINGERPRINT_LEN
+    {
+        return Err(Error::FingerprintTooLong {
+            len: fingerprint.len(),
+            max: MAX_FINGERPRINT_LEN,
+        });
+    }
+    Ok(match acquire(engine, key, ttl, fingerprint).await? {
+        Acquired::Lease {
+            token,
+            expires_at,
+            attempts,
+        } => ClaimResult::Acquired(Lease {
+            key: key.clone(),
+            namespace: engine.namespace().into(),
+            token,
+            expires_at,
+            attempt: attempts,
+        }),
+        Acquired::Not(found) => found,
+    })
+}
+
+async fn acquire<E: Engine>(
+    engine: &E,
+    key: &MessageId,
+    ttl: Duration,
+    fingerprint: Option<&[u8]>,
+) -> Result<Acquired> {
+    let acquired = engine.acquire(key, ttl, ttl_ms(ttl)?, fingerprint).await?;
+    let namespace = engine.namespace();
+    match &acquired {
+        Acquired::Lease {
+            token, attempts, ..
+        } => {
+            bump(engine, |c| &c.claims);
+            tracing::debug!(key = %key, namespace, token, attempts, "claimed");
+        }
+        Acquired::Not(ClaimResult::Done { .. }) => bump(engine, |c| &c.duplicates_done),
+        Acquired::Not(ClaimResult::Conflict { .. }) => {
+            bump(engine, |c| &c.fingerprint_conflicts);
+            tracing::warn!(key = %key, namespace, "claim with a different payload fingerprint");
+        }
+        Acquired::Not(_) => bump(engine, |c| &c.duplicates_pending),
+    }
+    Ok(acquired)
+}
+
+pub(crate) async fn mark_done<E: Engine>(engine: &E, key: &MessageId) -> Result<()> {
+    let namespace = engine.namespace();
+    match engine.done(key).await? {
+        Some(true) => {
+            bump(engine, |c| &c.late_completions);
+            tracing::warn!(key = %key, namespace, "late completion: marked done with no claim on record");
+        }
+        Some(false) => {
+            bump(engine, |c| &c.completions);
+            tracing::debug!(key = %key, namespace, "marked done");
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+pub(crate) async fn release<E: Engine>(engine: &E, key: &MessageId) -> Result<()> {
+    if engine.release(key).await? {
+        bump(engine, |c| &c.releases);
+        tracing::debug!(key = %key, namespace = engine.namespace(), "released");
+    }
+    Ok(())
+}
+
+pub(crate) async fn complete<E: Engine>(
+    engine: &E,
+    lease: &Lease,
+    result: Option<&[u8]>,
+) -> Result<()> {
+    if let Some(result) = result
+        && result.len() > engine.max_result_size()
+    {
+        return Err(Error::ResultTooLarge {
+            size: result.len(),
+            limit: engine.max_result_size(),
+        });
+    }
+    let finished = leased(
+        engine,
+        lease,
+        engine.complete(&lease.key, lease.token, result),
+    )
+    .await?;
+    match finished {
+        Finished::Wrote => {
+            bump(engine, |c| &c.completions);
+            tracing::debug!(key = %lease.key, namespace = engine.namespace(), token = lease.token, "completed");
+            Ok(())
+        }
+        Finished::Already => Ok(()),
+        Finished::DifferentResult => Err(Error::DifferentResult {
+            key: lease.key.to_string(),
+            token: lease.token,
+        }),
+    }
+}
+
+pub(crate) async fn abandon<E: Engine>(engine: &E, lease: &Lease) -> Result<()> {
+    leased(engine, lease, engine.abandon(&lease.key, lease.token)).await?;
+    bump(engine, |c| &c.releases);
+    tracing::debug!(key = %lease.key, namespace = engine.namespace(), token = lease.token, "abandoned");
+    Ok(())
+}
+
+pub(crate) async fn extend<E: Engine>(engine: &E, lease: &Lease, ttl: Duration) -> Result<Lease> {
+    let ttl_ms = ttl_ms(ttl)?;
+    let expires_at = leased(
+        engine,
+        lease,
+        engine.extend(&lease.key, lease.token, ttl, ttl_ms),
+    )
+    .await?;
+    tracing::debug!(key = %lease.key, namespace = engine.namespace(), token = lease.token, expires_at, "lease extended");
+    Ok(Lease {
+        expires_at,
+        ..lease.clone()
+    })
+}
+
+/// Runs a lease operation after checking the lease's namespace; a record
+/// that no longer holds the lease becomes [`Error::LeaseLost`], counted and
+/// logged.
+async fn leased<E: Engine, T>(
+    engine: &E,
+    lease: &Lease,
+    operation: impl Future<Output = Result<Result<T, Holder>>>,
+) -> Result<T> {
+    if *lease.namespace != *engine.namespace() {
+        return Err(Error::WrongNamespace {
+            lease: lease.namespace.to_string(),
+            handle: engine.namespace().to_string(),
+        });
+    }
+    match operation.await? {
+        Ok(out) => Ok(out),
+        Err(holds) => {
+            bump(engine, |c| &c.lease_conflicts);
+            tracing::warn!(key = %lease.key, namespace = engine.namespace(), token = lease.token, holds = %holds, "lease no longer held");
+            Err(lease.lost(holds))
+        }
+    }
+}
+
+/// The operations every store offers, written once: each public store's
+/// `impl` block expands this, so both have the same methods, documented
+/// alike, all running the functions above.
+macro_rules! operations {
+    () => {
+        /// Claims `key` for `ttl` if it is absent or expired: the
+        /// `bus-core` operation. See [`claim`](Self::claim) for the
+        /// lease-returning form.
+        pub async fn try_claim(
+            &self,
+            key: &bus_core::MessageId,
+            ttl: std::time::Duration,
+        ) -> $crate::Result<bus_core::ClaimOutcome> {
+            $crate::front::try_claim(self, key, ttl).await
+        }
+
+        /// Claims `key` for `ttl` and, if it was free, returns the
+        /// [`Lease`](crate::Lease); otherwise what holds it.
+        pub async fn claim(
+            &self,
+            key: &bus_core::MessageId,
+            ttl: std::time::Duration,
+        ) -> $crate::Result<$crate::ClaimResult> {
+            $crate::front::claim(self, key, ttl, None).await
+        }
+
+        /// Like [`claim`](Self::claim), recording `fingerprint` (a hash of
+        /// the payload, at most 64 bytes). A later fingerprinted claim of
+        /// the same live key with a different fingerprint returns
+        /// [`ClaimResult::Conflict`](crate::ClaimResult::Conflict) instead
+        /// of a duplicate.
+        pub async fn claim_with_fingerprint(
+            &self,
+            key: &bus_core::MessageId,
+            ttl: std::time::Duration,
+            fingerprint: &[u8],
+        ) -> $crate::Result<$crate::ClaimResult> {
+            $crate::front::claim(self, key, ttl, Some(fingerprint)).await
+        }
+
+        /// Records that the handler for `key` ran to completion (the
+        /// `bus-core` operation, with no lease check).
+        pub async fn mark_done(&self, key: &bus_core::MessageId) -> $crate::Result<()> {
+            $crate::front::mark_done(self, key).await
+        }
+
+        /// Gives up a pending claim so the message can be retried (the
+        /// `bus-core` operation, with no lease check). A completed record
+        /// is never erased.
+        pub async fn release(&self, key: &bus_core::MessageId) -> $crate::Result<()> {
+            $crate::front::release(self, key).await
+        }
+
+        /// Marks the leased key done, if the record still holds the lease.
+        /// Completing twice with the same lease is fine.
+        pub async fn complete(&self, lease: &$crate::Lease) -> $crate::Result<()> {
+            $crate::front::complete(self, lease, None).await
+        }
+
+        /// Marks the leased key done and caches `result` for later claims
+        /// of the key ([`ClaimResult::Done`](crate::ClaimResult::Done)).
+        /// Results over the builder's `max_result_size` are refused, with
+        /// the record left unchanged.
+        pub async fn complete_with(
+            &self,
+            lease: &$crate::Lease,
+            result: &[u8],
+        ) -> $crate::Result<()> {
+            $crate::front::complete(self, lease, Some(result)).await
+        }
+
+        /// Removes the leased claim so the message can be retried, if the
+        /// record still holds the lease.
+        pub async fn abandon(&self, lease: &$crate::Lease) -> $crate::Result<()> {
+            $crate::front::abandon(self, lease).await
+        }
+
+        /// Pushes the leased claim's expiry to `now + ttl`, if the record
+        /// still holds the lease, and returns the lease with its new
+        /// expiry. A long handler calls this before its claim runs out, so
+        /// that no other worker takes the message over.
+        pub async fn extend(
+            &self,
+            lease: &$crate::Lease,
+            ttl: std::time::Duration,
+        ) -> $crate::Result<$crate::Lease> {
+            $crate::front::extend(self, lease, ttl).await
+        }
+    };
+}
+pub(crate) use operations;
