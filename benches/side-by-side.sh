@@ -8,8 +8,13 @@
 #   cargo bench --bench store --no-run
 #   benches/side-by-side.sh /tmp/before/target/release/deps/store-<hash> \
 #                           target/release/deps/store-<hash> [rounds]
+#
+# CRITERION_ARGS (default "--warm-up-time 1 --measurement-time 3
+# --sample-size 30") shortens each criterion run, so that six rounds of the
+# eight benches on two builds fit in about half an hour.
 set -euo pipefail
 before=$1 after=$2 rounds=${3:-6}
+read -r -a criterion <<< "${CRITERION_ARGS:---warm-up-time 1 --measurement-time 3 --sample-size 30}"
 out=$(mktemp)
 benches=('claim/new/Periodic/1$' 'claim/new/Periodic/64$' 'claim/cycle/Periodic/1$'
          'claim/cycle/Periodic/64$' 'claim/new/Sync/1$' 'claim/new/Sync/64$'
@@ -18,7 +23,7 @@ for round in $(seq "$rounds"); do
     for bench in "${benches[@]}"; do
         for side in before after; do
             bin=$before; [ "$side" = after ] && bin=$after
-            "$bin" --bench --noplot "$bench" 2>/dev/null | grep -E '^claim.*time:' | sed "s|^|$side |" >> "$out"
+            "$bin" --bench --noplot "${criterion[@]}" "$bench" 2>/dev/null | grep -E '^claim.*time:' | sed "s|^|$side |" >> "$out"
         done
     done
 done

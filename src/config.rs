@@ -190,16 +190,12 @@ impl Builder {
 
     /// Checks every setting; [`Builder::open`] calls it first.
     pub(crate) fn validate(&self) -> Result<()> {
-        if millis(self.default_ttl) == 0 {
-            return Err(Error::InvalidConfig(
-                "default_ttl must be at least 1 ms".into(),
-            ));
-        }
-        if self.done_retention.is_some_and(|d| millis(d) == 0) {
-            return Err(Error::InvalidConfig(
-                "done_retention must be at least 1 ms".into(),
-            ));
-        }
+        validate_common(
+            self.durability,
+            self.default_ttl,
+            self.done_retention,
+            self.max_result_size,
+        )?;
         if self.durability_timeout.is_zero() {
             return Err(Error::InvalidConfig(
                 "durability_timeout must be greater than zero".into(),
@@ -230,19 +226,38 @@ impl Builder {
                 "sweep_batch must be at least 1".into(),
             ));
         }
-        if self.max_result_size > MAX_RESULT_LIMIT {
-            return Err(Error::InvalidConfig(format!(
-                "max_result_size {} is over the largest supported, {MAX_RESULT_LIMIT} bytes",
-                self.max_result_size
-            )));
-        }
-        if let Durability::Periodic(period) = self.durability
-            && period.is_zero()
-        {
-            return Err(Error::InvalidConfig(
-                "Durability::Periodic needs a period greater than zero".into(),
-            ));
-        }
         Ok(())
     }
+}
+
+/// The settings every engine's builder checks alike.
+pub(crate) fn validate_common(
+    durability: Durability,
+    default_ttl: Duration,
+    done_retention: Option<Duration>,
+    max_result_size: usize,
+) -> Result<()> {
+    if millis(default_ttl) == 0 {
+        return Err(Error::InvalidConfig(
+            "default_ttl must be at least 1 ms".into(),
+        ));
+    }
+    if done_retention.is_some_and(|d| millis(d) == 0) {
+        return Err(Error::InvalidConfig(
+            "done_retention must be at least 1 ms".into(),
+        ));
+    }
+    if max_result_size > MAX_RESULT_LIMIT {
+        return Err(Error::InvalidConfig(format!(
+            "max_result_size {max_result_size} is over the largest supported, {MAX_RESULT_LIMIT} bytes"
+        )));
+    }
+    if let Durability::Periodic(period) = durability
+        && period.is_zero()
+    {
+        return Err(Error::InvalidConfig(
+            "Durability::Periodic needs a period greater than zero".into(),
+        ));
+    }
+    Ok(())
 }

@@ -1,93 +1,20 @@
-//! The layer both engines share, above their atomic operations: argument
-//! checks, leases and their namespace, the `bus-core` outcomes, counters and
-//! logging. An engine ([`Engine`]) only reads, decides (as `machine` does)
-//! and writes one record; the public stores call these functions, so a rule
-//! about leases or arguments is written once for sled and Redis alike.
+//! The layer both engines share, above their atomic operations
+//! (`crate::engine`): argument checks, leases and their namespace, the
+//! `bus-core` outcomes, counters and logging. The public stores call these
+//! functions (through [`operations!`]), so a rule about leases or arguments
+//! is written once for sled and Redis alike.
 
 use std::time::Duration;
 
 use bus_core::{ClaimOutcome, MessageId};
 
 use crate::clock::millis;
+use crate::engine::{Acquired, Engine, Finished};
 use crate::error::{Error, Result};
 use crate::lease::{ClaimResult, Lease};
 use crate::machine::Holder;
 use crate::record::MAX_FINGERPRINT_LEN;
 use crate::stats::Counters;
-
-/// What a claim got: a lease (built into a [`Lease`] only for the lease
-/// API; the trait's `try_claim` needs just the outcome) or what it found.
-pub(crate) enum Acquired {
-    Lease {
-        token: u64,
-        expires_at: u64,
-        attempts: u32,
-    },
-    Not(ClaimResult),
-}
-
-/// What completing a lease did, when the record still held it (or its
-/// completion).
-pub(crate) enum Finished {
-    /// Wrote the done record.
-    Wrote,
-    /// This lease had completed the key already, with the same result or
-    /// with none given now.
-    Already,
-    /// This lease had completed the key with another result.
-    DifferentResult,
-}
-
-/// One engine's atomic operations on the records of one namespace. Each
-/// reads the record, decides with `machine` (sled) or the same rules on the
-/// server (Redis), writes, and waits for the durability the store was
-/// opened with. A lease operation answers `Err(holder)` when the record no
-/// longer holds the lease.
-pub(crate) trait Engine: Sync {
-    /// The namespace this handle works in.
-    fn namespace(&self) -> &str;
-    /// Its counters, where the engine keeps them.
-    fn counters(&self) -> Option<&Counters>;
-    /// The largest result `complete_with` may cache.
-    fn max_result_size(&self) -> usize;
-
-    fn acquire(
-        &self,
-        key: &MessageId,
-        ttl: Duration,
-        ttl_ms: u64,
-        fingerprint: Option<&[u8]>,
-    ) -> impl Future<Output = Result<Acquired>> + Send;
-
-    /// `Some(late)` when it wrote a done record (`late`: no claim was
-    /// remembered), `None` when the record was done already.
-    fn done(&self, key: &MessageId) -> impl Future<Output = Result<Option<bool>>> + Send;
-
-    /// Whether a pending claim was removed.
-    fn release(&self, key: &MessageId) -> impl Future<Output = Result<bool>> + Send;
-
-    fn complete(
-        &self,
-        key: &MessageId,
-        token: u64,
-        result: Option<&[u8]>,
-    ) -> impl Future<Output = Result<Result<Finished, Holder>>> + Send;
-
-    fn abandon(
-        &self,
-        key: &MessageId,
-        token: u64,
-    ) -> impl Future<Output = Result<Result<(), Holder>>> + Send;
-
-    /// The new expiry.
-    fn extend(
-        &self,
-        key: &MessageId,
-        token: u64,
-        ttl: Duration,
-        ttl_ms: u64,
-    ) -> impl Future<Output = Result<Result<u64, Holder>>> + Send;
-}
 
 fn bump(engine: &impl Engine, counter: impl Fn(&Counters) -> &std::sync::atomic::AtomicU64) {
     if let Some(counters) = engine.counters() {

@@ -5,6 +5,7 @@
 
 mod clock;
 mod config;
+mod engine;
 mod error;
 mod front;
 #[cfg(test)]

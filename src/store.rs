@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, millis};
 use crate::config::Builder;
+use crate::engine::{Acquired, Engine, Finished};
 use crate::error::{Error, Result};
-use crate::front::{self, Acquired, Finished};
+use crate::front;
 use crate::lease::ClaimResult;
 use crate::machine::{self, Claim, Complete, Done, Holder, Release, Retention};
 use crate::namespace::{Space, validate_namespace};
@@ -760,7 +761,7 @@ impl IdempotencyStore for SledIdempotencyStore {
 
 /// The sled engine's atomic operations: read, decide with `machine`,
 /// compare-and-swap, wait for durability.
-impl front::Engine for SledIdempotencyStore {
+impl Engine for SledIdempotencyStore {
     fn namespace(&self) -> &str {
         &self.space.name
     }

@@ -12,8 +12,10 @@
 //!   follow, so for Redis `sweep` deletes the records the model calls
 //!   forgotten, as the server's own expiry would.
 //! - **Token values.** Both engines hand out strictly increasing tokens
-//!   along each key's history; sled's count up from 1, Redis's start at the
-//!   server's clock in microseconds. The suite checks the order only.
+//!   along each key's history; sled's count up from 1 and are unique in the
+//!   database, Redis's come from a counter per bucket of keys, never below
+//!   the server's clock in microseconds, and tokens of different keys are
+//!   not ordered. The suite checks the order along one key only.
 //! - **Closing.** Closing a sled store flushes and releases its directory;
 //!   closing a Redis store only ends its handles (every acknowledged write
 //!   is already on the server).

@@ -9,6 +9,8 @@
 mod redis_server;
 
 use std::collections::HashSet;
+#[cfg(feature = "redis-tls")]
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,8 +47,9 @@ fn record_key(id: &MessageId) -> String {
     format!("sid:{{{}}}:default:{hex}", &hex[28..])
 }
 
-/// Runs `call` until it stops failing on a connection the server dropped
-/// (the store reconnects by itself), for at most 20 s.
+/// Runs `call` until it stops failing because the server was away (the
+/// store reconnects by itself), for at most 20 s. Any other error is
+/// returned at once.
 async fn retried<T, F, Fut>(mut call: F) -> sled_idempotency::Result<T>
 where
     F: FnMut() -> Fut,
@@ -54,7 +57,14 @@ where
 {
     for _ in 0..400 {
         match call().await {
-            Err(Error::Redis { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(Error::Redis { source, .. })
+                if source.is_io_error()
+                    || source.is_connection_dropped()
+                    || source.is_connection_refusal()
+                    || source.is_timeout() =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             other => return other,
         }
     }
@@ -117,7 +127,13 @@ async fn records_expire_on_the_server_when_they_are_forgotten() -> TestResult {
         store.get(&id).await?.is_some(),
         "live by the server's clock"
     );
-    store.complete(&claimed).await?;
+    let longer = store.extend(&claimed, Duration::from_secs(600)).await?;
+    assert_eq!(
+        expire(&id),
+        longer.expires_at() + 3_600_000,
+        "extended: the new expiry + retention"
+    );
+    store.complete(&longer).await?;
     let done = store.get_record(&id).await?.expect("done record");
     assert_eq!(done.state, State::Done);
     assert_eq!(expire(&id), done.expires_at, "done: at its expiry");
@@ -126,6 +142,126 @@ async fn records_expire_on_the_server_when_they_are_forgotten() -> TestResult {
     let record = store.get_record(&late).await?.expect("late done");
     assert_eq!(record.ttl_ms, 90_000);
     assert_eq!(expire(&late), record.expires_at);
+    Ok(())
+}
+
+/// The server's clock in microseconds.
+fn server_micros(server: &Server) -> u64 {
+    let reply = server.command(&["TIME"]).expect("reachable");
+    let parts: Vec<u64> = reply
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(parts.len(), 2, "TIME reply {reply:?}");
+    parts[0] * 1_000_000 + parts[1]
+}
+
+/// Tokens come from the counter of the key's bucket, in the same atomic
+/// step: one far ahead of the clock is followed exactly; otherwise a token
+/// is at least the server's clock in microseconds.
+#[tokio::test]
+async fn tokens_come_from_the_bucket_counter_and_never_fall_below_the_clock() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let server = Server::start();
+    let store = RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Flush)
+        .open()
+        .await?;
+    let id = MessageId::new();
+    let hex = id.as_uuid().simple().to_string();
+    let counter = format!("sid:{{{}}}:token", &hex[28..]);
+    let before = server_micros(&server);
+    let first = lease(store.claim(&id, TTL).await?);
+    assert!(
+        first.token() >= before,
+        "{} below the clock {before}",
+        first.token()
+    );
+    let ahead = server_micros(&server) + 1_000_000_000_000;
+    server.command(&["SET", &counter, &ahead.to_string()]);
+    store.release(&id).await?;
+    let next = lease(store.claim(&id, TTL).await?);
+    assert_eq!(next.token(), ahead + 1, "the counter, not only the clock");
+    Ok(())
+}
+
+/// A caller's clock an hour behind the server's: records must not expire
+/// on the server before that clock forgets them.
+#[tokio::test]
+async fn a_caller_clock_behind_the_server_loses_no_record() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let server = Server::start();
+    let behind = server_micros(&server) / 1000 - 3_600_000;
+    let store = RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Flush)
+        .clock(ManualClock::new(behind))
+        .open()
+        .await?;
+    let id = MessageId::new();
+    let claimed = lease(store.claim(&id, TTL).await?);
+    assert!(matches!(
+        store.claim(&id, TTL).await?,
+        ClaimResult::InProgress { .. }
+    ));
+    store.complete(&claimed).await?;
+    assert_eq!(
+        store.claim(&id, TTL).await?,
+        ClaimResult::Done { result: None }
+    );
+    let expire = integer(&server, &["PEXPIRETIME", &record_key(&id)]) as u64;
+    assert!(
+        expire * 1000 >= server_micros(&server) + 55_000_000,
+        "kept a ttl's worth: {expire}"
+    );
+    Ok(())
+}
+
+/// The builder checks what the sled builder checks, and the bounds of the
+/// functions' arithmetic.
+#[tokio::test]
+async fn bad_settings_are_refused_with_a_clear_error() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let server = Server::start();
+    let builder = || RedisIdempotencyStore::builder(server.url()).durability(Durability::Flush);
+    let cases = [
+        (
+            "done_retention",
+            builder().done_retention(Duration::from_micros(10)),
+        ),
+        ("default_ttl", builder().default_ttl(Duration::ZERO)),
+        (
+            "default_ttl",
+            builder().default_ttl(Duration::from_secs(u64::MAX / 1000)),
+        ),
+        (
+            "pending_retention",
+            builder().pending_retention(Duration::MAX),
+        ),
+        ("max_result_size", builder().max_result_size(1 << 20)),
+        (
+            "Periodic",
+            builder().durability(Durability::Periodic(Duration::ZERO)),
+        ),
+    ];
+    for (setting, builder) in cases {
+        match builder.open().await {
+            Err(Error::InvalidConfig(why)) => assert!(why.contains(setting), "{why}"),
+            other => panic!("{setting}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+    let far = builder().clock(ManualClock::new(1 << 53)).open().await?;
+    match far.claim(&MessageId::new(), TTL).await {
+        Err(Error::InvalidConfig(why)) => assert!(why.contains("clock"), "{why}"),
+        other => panic!("a clock past 2^52 ms: expected InvalidConfig, got {other:?}"),
+    }
+    let bad_url = RedisIdempotencyStore::open("not a url").await;
+    assert!(matches!(bad_url, Err(Error::Redis { .. })), "{bad_url:?}");
     Ok(())
 }
 
@@ -229,7 +365,12 @@ async fn a_killed_server_loses_no_acknowledged_done_and_reissues_no_token() -> T
             .collect();
         // Kill once this round has acknowledged some completions.
         let target = (round + 1) * 150;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while done.lock().expect("lock").len() < target {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the workers stopped short of {target} completions"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         server.kill();
@@ -293,7 +434,7 @@ async fn a_dropped_or_timed_out_call_is_an_unknown_outcome_not_a_wrong_answer() 
     let blocked = || {
         server
             .command(&["INFO", "clients"])
-            .is_some_and(|info| info.contains("blocked_clients:1"))
+            .is_some_and(|info| info.lines().any(|l| l.trim() == "blocked_clients:1"))
     };
 
     // 1. The connection drops while the claim waits on the paused server.
@@ -303,7 +444,12 @@ async fn a_dropped_or_timed_out_call_is_an_unknown_outcome_not_a_wrong_answer() 
         let (store, id) = (store.clone(), id.clone());
         async move { store.claim(&id, TTL).await }
     });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !blocked() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the claim never waited on the paused server"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.command(&["CLIENT", "KILL", "TYPE", "normal"]);
@@ -383,6 +529,123 @@ async fn any_cluster_node_opens_the_cluster_and_keys_spread_over_every_master() 
     for node in &cluster.nodes {
         let keys = integer(node, &["DBSIZE"]);
         assert!(keys > 50, "a master holds only {keys} keys");
+    }
+    Ok(())
+}
+
+/// `rediss://` with a private certificate authority (feature `redis-tls`):
+/// refused while the CA is unknown, served once the builder trusts it.
+/// The certificates come from the `openssl` command line.
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn tls_with_a_private_certificate_authority() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let certs = tempfile::tempdir()?;
+    let path = |name: &str| certs.path().join(name).display().to_string();
+    std::fs::write(path("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
+    let [ca_key, ca_crt, key, csr, crt, san] = [
+        "ca.key",
+        "ca.crt",
+        "server.key",
+        "server.csr",
+        "server.crt",
+        "san.ext",
+    ]
+    .map(path);
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    openssl(&format!(
+        "req -x509 -days 1 -subj /CN=test-ca {ec} -keyout {ca_key} -out {ca_crt}"
+    ));
+    openssl(&format!(
+        "req -subj /CN=127.0.0.1 {ec} -keyout {key} -out {csr}"
+    ));
+    openssl(&format!(
+        "x509 -req -days 1 -in {csr} -CA {ca_crt} -CAkey {ca_key} -CAcreateserial \
+         -out {crt} -extfile {san}"
+    ));
+    let tls_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let tls_port = tls_port.to_string();
+    let _server = Server::with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &crt,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca_crt,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}/");
+    let unknown = RedisIdempotencyStore::builder(url.clone())
+        .durability(Durability::Flush)
+        .open()
+        .await;
+    assert!(matches!(unknown, Err(Error::Redis { .. })), "{unknown:?}");
+    let store = RedisIdempotencyStore::builder(url)
+        .durability(Durability::Flush)
+        .tls_root_certificate(std::fs::read(&ca_crt)?)
+        .open()
+        .await?;
+    let id = MessageId::new();
+    lease(store.claim(&id, TTL).await?);
+    assert!(matches!(
+        store.claim(&id, TTL).await?,
+        ClaimResult::InProgress { .. }
+    ));
+    Ok(())
+}
+
+/// Runs `openssl` with `args` (split on whitespace; the paths hold none).
+#[cfg(feature = "redis-tls")]
+fn openssl(args: &str) {
+    let status = std::process::Command::new("openssl")
+        .args(args.split_whitespace())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the TLS test needs the openssl command (Debian: openssl)");
+    assert!(status.success(), "openssl {args} failed");
+}
+
+/// Slots moved from one master to another while a store holds the old slot
+/// map: its calls meet `MOVED`, are retried on the new owner (they did not
+/// run), and find the records that moved with their slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_follow_slots_moved_between_masters() -> TestResult {
+    if !redis_server::available() {
+        return Ok(());
+    }
+    let cluster = Cluster::start();
+    let store = RedisIdempotencyStore::builder(cluster.url())
+        .durability(Durability::Flush)
+        .open()
+        .await?;
+    let ids: Vec<MessageId> = (0..200).map(|_| MessageId::new()).collect();
+    let mut leases = Vec::new();
+    for id in &ids {
+        leases.push(lease(store.claim(id, TTL).await?));
+    }
+    cluster.reshard(0, 1, 4000);
+    for id in &ids {
+        let answer = store.claim(id, TTL).await?;
+        assert!(
+            matches!(answer, ClaimResult::InProgress { .. }),
+            "{answer:?}"
+        );
+    }
+    for held in &leases {
+        store.complete(held).await?;
+    }
+    for _ in 0..100 {
+        lease(store.claim(&MessageId::new(), TTL).await?);
     }
     Ok(())
 }

@@ -21,6 +21,42 @@ pub(crate) const LIBRARY: &str = include_str!("library.lua");
 /// moved, a cluster that is electing, a server that is loading) is tried.
 const NOT_RUN_TRIES: u32 = 5;
 
+/// How to connect.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) response_timeout: Duration,
+    /// A PEM root certificate to trust instead of the system's (feature
+    /// `redis-tls`).
+    #[cfg(feature = "redis-tls")]
+    pub(crate) root_certificate: Option<Vec<u8>>,
+}
+
+impl Settings {
+    fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        #[cfg(feature = "redis-tls")]
+        if let Some(root) = &self.root_certificate {
+            return redis::Client::build_with_tls(url, self.certificates(root));
+        }
+        redis::Client::open(url)
+    }
+
+    fn cluster(&self, builder: ClusterClientBuilder) -> ClusterClientBuilder {
+        #[cfg(feature = "redis-tls")]
+        if let Some(root) = &self.root_certificate {
+            return builder.certs(self.certificates(root));
+        }
+        builder
+    }
+
+    #[cfg(feature = "redis-tls")]
+    fn certificates(&self, root: &[u8]) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root.to_vec()),
+        }
+    }
+}
+
 /// A connection to a single server or to a cluster. Both multiplex calls
 /// and are cheap to clone.
 #[derive(Clone)]
@@ -57,8 +93,11 @@ fn unexpected(context: &'static str, what: String) -> Error {
 impl Conn {
     /// Connects to `url`; a node of a cluster (`cluster_enabled:1` in
     /// `INFO cluster`) gives a cluster connection, found from that node.
-    pub(crate) async fn open(url: &str, response_timeout: Duration) -> Result<Conn> {
-        let client = redis::Client::open(url).map_err(redis_error("parsing the Redis url"))?;
+    pub(crate) async fn open(url: &str, settings: &Settings) -> Result<Conn> {
+        let response_timeout = settings.response_timeout;
+        let client = settings
+            .client(url)
+            .map_err(redis_error("parsing the Redis url"))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(response_timeout))
             .set_number_of_retries(2);
@@ -76,9 +115,11 @@ impl Conn {
         // No automatic retries: the client would resend a call whose
         // connection dropped, and a resent abandon or claim could answer
         // wrongly. Calls the server refused unrun are retried in `fcall`.
-        let cluster = ClusterClientBuilder::new(vec![url])
+        let builder = ClusterClientBuilder::new(vec![url])
             .retries(0)
-            .response_timeout(response_timeout)
+            .response_timeout(response_timeout);
+        let cluster = settings
+            .cluster(builder)
             .build()
             .map_err(redis_error("configuring the cluster client"))?;
         let conn = cluster
@@ -99,25 +140,26 @@ impl Conn {
         }
     }
 
-    /// `cmd` on every master (the single server, or each cluster master).
+    /// `cmd` on every master (the single server, or each cluster master);
+    /// an error from any one of them is the error.
     async fn on_masters(&self, cmd: Cmd) -> redis::RedisResult<Value> {
-        match self {
+        let reply = match self {
             Conn::Single(conn) => cmd.query_async(&mut conn.clone()).await,
             Conn::Cluster(conn) => {
                 let route = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                 conn.clone().route_command(cmd, route).await
             }
-        }
+        };
+        reply.and_then(Value::extract_error)
     }
 
     /// Loads (or replaces) the function library on every master.
     pub(crate) async fn load_library(&self) -> Result<()> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(LIBRARY);
-        self.on_masters(cmd)
-            .await
-            .map(|_| ())
-            .map_err(redis_error("loading the function library (FUNCTION LOAD)"))
+        self.on_masters(cmd).await.map(|_| ()).map_err(redis_error(
+            "loading the function library (FUNCTION LOAD; Redis 7.0 or later is needed)",
+        ))
     }
 
     /// Calls function `name` on the record `keys[0]` (with its token
@@ -227,13 +269,18 @@ fn function_missing(e: &RedisError) -> bool {
     e.detail().is_some_and(|d| d.contains("Function not found"))
 }
 
-/// Errors the server returns without running the call.
+/// Errors the server returns without running the call, and after which
+/// the same call may succeed: a slot that moved (the client refreshes its
+/// slot map), a cluster electing, a server loading. (`ASK`, a slot being
+/// migrated, is not followed: that needs `ASKING` on the target node's
+/// connection, which the cluster client does only in its own retries, and
+/// those would also resend calls whose connection dropped. The call fails
+/// with the error, not run.)
 fn not_run(e: &RedisError) -> bool {
     matches!(
         e.kind(),
         ErrorKind::Server(
             ServerErrorKind::Moved
-                | ServerErrorKind::Ask
                 | ServerErrorKind::TryAgain
                 | ServerErrorKind::ClusterDown
                 | ServerErrorKind::BusyLoading

@@ -79,10 +79,19 @@ local function remembered(rec, now, pend)
   return nil
 end
 
-local function put(key, rec, pend)
+-- Writes `rec`, to expire on the server when it is forgotten. With a
+-- caller's clock (`args[1]` set) the server keeps it at least as long as
+-- that clock still remembers it, counted on the server's own clock from
+-- now, so a caller's clock behind the server's never loses a record early;
+-- one ahead only keeps forgotten records longer, which no answer sees.
+local function put(key, rec, pend, now, args, server_us)
   local forget = rec.e
   if rec.s == 'p' then
     forget = rec.e + pend
+  end
+  if args[1] ~= '' then
+    local server_ms = math.floor((server_us or micros()) / 1000)
+    forget = math.max(forget, server_ms + (forget - now))
   end
   local packed = cmsgpack.pack({ rec.s, rec.e, rec.t, rec.a, rec.l, rec.f or false, rec.r or false })
   redis.call('SET', key, packed, 'PXAT', int(forget))
@@ -162,7 +171,7 @@ redis.register_function('sid1_claim', function(keys, args)
   end
   local token = next_token(keys[2], now_us)
   local new = { s = 'p', e = now + ttl, t = token, a = attempts, l = ttl, f = fp }
-  put(keys[1], new, pend)
+  put(keys[1], new, pend, now, args, now_us)
   return {'claimed', token, new.e, attempts}
 end)
 
@@ -175,14 +184,14 @@ redis.register_function('sid1_done', function(keys, args)
   if err then return err end
   local rec = remembered(raw, now, pend)
   if rec and rec.s == 'p' then
-    put(keys[1], done_record(rec, now, done_ms, nil), pend)
+    put(keys[1], done_record(rec, now, done_ms, nil), pend, now, args)
     return {'completed'}
   end
   if rec then
     return {'already'}
   end
   local unclaimed = { t = 0, a = 0, l = tonumber(args[4]) }
-  put(keys[1], done_record(unclaimed, now, done_ms, nil), pend)
+  put(keys[1], done_record(unclaimed, now, done_ms, nil), pend, now, args)
   return {'late'}
 end)
 
@@ -220,7 +229,7 @@ redis.register_function('sid1_complete', function(keys, args)
   if rec == nil then
     return lost(raw, now, pend)
   end
-  put(keys[1], done_record(rec, now, done_ms, result), pend)
+  put(keys[1], done_record(rec, now, done_ms, result), pend, now, args)
   return {'completed'}
 end)
 
@@ -248,18 +257,21 @@ redis.register_function('sid1_extend', function(keys, args)
     return lost(raw, now, pend)
   end
   rec.e = now + tonumber(args[5])
-  put(keys[1], rec, pend)
+  put(keys[1], rec, pend, now, args)
   return {'extended', rec.e}
 end)
 
--- The stored record, forgotten or not: [] when absent.
+-- The server's clock (ms) and the stored record, forgotten or not:
+-- [now] when absent, [now, state, expires_at, token, attempts, ttl_ms,
+-- fingerprint or false, result or false] otherwise.
 redis.register_function {
   function_name = 'sid1_get',
   flags = { 'no-writes' },
   callback = function(keys)
+    local now = math.floor(micros() / 1000)
     local rec, err = load(keys[1])
     if err then return err end
-    if rec == nil then return {} end
-    return { rec.s, rec.e, rec.t, rec.a, rec.l, rec.f or false, rec.r or false }
+    if rec == nil then return { now } end
+    return { now, rec.s, rec.e, rec.t, rec.a, rec.l, rec.f or false, rec.r or false }
   end,
 }

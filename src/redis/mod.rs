@@ -4,7 +4,7 @@
 //! Each operation is one Redis Function (`library.lua`) that reads the
 //! record, decides as [`machine`](crate::machine) does and writes, in one
 //! atomic step and one network round trip. Records expire on the server
-//! (`PEXPIREAT` at the moment they are forgotten), so this engine runs no
+//! (`SET … PXAT` at the moment they are forgotten), so this engine runs no
 //! sweeper.
 
 mod conn;
@@ -20,14 +20,16 @@ use redis::Value;
 use self::conn::{Conn, redis_error};
 use crate::clock::{Clock, millis};
 use crate::config::{
-    DEFAULT_DURABILITY, DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_TTL, Durability,
+    DEFAULT_DURABILITY, DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_TTL,
+    Durability, validate_common,
 };
+use crate::engine::{Acquired, Engine, Finished};
 use crate::error::{Error, Result};
-use crate::front::{self, Acquired, Finished};
+use crate::front;
 use crate::lease::ClaimResult;
 use crate::machine::Holder;
 use crate::namespace::{DEFAULT_NAMESPACE, validate_namespace};
-use crate::record::{MAX_RESULT_LIMIT, Record, State};
+use crate::record::{Record, State};
 use crate::stats::Counters;
 
 /// Largest ttl or retention the Redis engine takes: 2^52 ms (about 142,000
@@ -116,17 +118,19 @@ pub struct RedisBuilder {
     max_result_size: usize,
     response_timeout: Duration,
     clock: Option<Arc<dyn Clock>>,
+    #[cfg(feature = "redis-tls")]
+    root_certificate: Option<Vec<u8>>,
 }
 
 impl RedisBuilder {
     /// What an acknowledged write survives. On Redis:
     ///
-    /// - [`Durability::Sync`]: the open checks that every master runs
+    /// - [`Durability::Sync`] (the default): the open checks that every master runs
     ///   `appendonly yes` with `appendfsync always`, so the server fsyncs
     ///   each write before it answers: an acknowledged write survives a
     ///   server crash and power loss of that server. A failover to a replica
     ///   can still lose the last writes (replication is asynchronous).
-    /// - [`Durability::Flush`] and [`Durability::Periodic`] (the default):
+    /// - [`Durability::Flush`] and [`Durability::Periodic`]:
     ///   a write is acknowledged once it is in the server's memory; it
     ///   survives the worker's crash, and the server's crash only as far
     ///   as the server's own persistence (`appendfsync everysec`: the last
@@ -172,13 +176,22 @@ impl RedisBuilder {
         self
     }
 
+    /// For `rediss://` urls (feature `redis-tls`): trust the certificate
+    /// authority in `pem` (a PEM-encoded root certificate) instead of the
+    /// system's root certificates, as a private CA needs.
+    #[cfg(feature = "redis-tls")]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
     /// Decide expiry with `clock` instead of the server's `TIME`. Every
-    /// worker sharing the server should then use the same clock. It must
-    /// read wall-clock unix milliseconds, as [`Clock`] says: records also
-    /// expire on the server (`PEXPIREAT`) at the moment this clock says they
-    /// are forgotten, so a clock behind the server's makes them vanish
-    /// early. Tests use a [`ManualClock`](crate::ManualClock) set in the
-    /// future and move it without sleeping.
+    /// worker sharing the server should then use the same clock, reading
+    /// wall-clock unix milliseconds as [`Clock`] says. The server keeps each
+    /// record at least until this clock forgets it (counted on the server's
+    /// own clock from the write when this clock is behind it), so skew
+    /// between the two never loses a record early. Tests use a
+    /// [`ManualClock`](crate::ManualClock) and move it without sleeping.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self
@@ -197,24 +210,24 @@ impl RedisBuilder {
             }
             Ok(ms)
         };
+        validate_common(
+            self.durability,
+            self.default_ttl,
+            self.done_retention,
+            self.max_result_size,
+        )?;
         let default_ttl_ms = bounded(self.default_ttl, "default_ttl")?;
-        if default_ttl_ms == 0 {
-            return Err(Error::InvalidConfig(
-                "default_ttl must be at least 1 ms".into(),
-            ));
-        }
         let done_ms = self
             .done_retention
             .map(|d| bounded(d, "done_retention"))
             .transpose()?;
         let pending_ms = bounded(self.pending_retention, "pending_retention")?;
-        if self.max_result_size > MAX_RESULT_LIMIT {
-            return Err(Error::InvalidConfig(format!(
-                "max_result_size {} is over the limit of {MAX_RESULT_LIMIT} bytes",
-                self.max_result_size
-            )));
-        }
-        let conn = Conn::open(&self.url, self.response_timeout).await?;
+        let settings = conn::Settings {
+            response_timeout: self.response_timeout,
+            #[cfg(feature = "redis-tls")]
+            root_certificate: self.root_certificate,
+        };
+        let conn = Conn::open(&self.url, &settings).await?;
         conn.load_library().await?;
         if self.durability == Durability::Sync {
             conn.check_fsync_always().await?;
@@ -313,6 +326,8 @@ impl RedisIdempotencyStore {
             max_result_size: DEFAULT_MAX_RESULT_SIZE,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             clock: None,
+            #[cfg(feature = "redis-tls")]
+            root_certificate: None,
         }
     }
 
@@ -400,11 +415,19 @@ impl RedisIdempotencyStore {
     ) -> Result<Reply> {
         self.check_open()?;
         let shared = &self.shared;
-        let now = shared
-            .clock
-            .as_ref()
-            .map(|c| c.now_millis().to_string())
-            .unwrap_or_default();
+        let now = match &shared.clock {
+            Some(clock) => {
+                let now = clock.now_millis();
+                if now >= REDIS_MAX_MILLIS {
+                    return Err(Error::InvalidConfig(format!(
+                        "the store's clock reads {now} ms, past what the Redis engine computes \
+                         exactly (2^52 ms)"
+                    )));
+                }
+                now.to_string()
+            }
+            None => String::new(),
+        };
         let pending = shared.pending_ms.to_string();
         let done = shared.done_ms.map(|d| d.to_string()).unwrap_or_default();
         let mut all: Vec<&[u8]> = vec![now.as_bytes(), pending.as_bytes(), done.as_bytes()];
@@ -429,48 +452,46 @@ impl RedisIdempotencyStore {
     front::operations!();
 
     /// The live record for `key`, or `None` if it is absent or expired, by
-    /// the store's clock.
+    /// the store's clock (the server's, unless the builder was given one).
+    /// One round trip.
     pub async fn get(&self, key: &MessageId) -> Result<Option<Record>> {
+        let (server_now, record) = self.read(key).await?;
         let now = match &self.shared.clock {
             Some(clock) => clock.now_millis(),
-            None => self.server_millis().await?,
+            None => server_now,
         };
-        Ok(self.get_record(key).await?.filter(|r| r.is_live(now)))
-    }
-
-    async fn server_millis(&self) -> Result<u64> {
-        let value = self
-            .shared
-            .conn
-            .query(&redis::cmd("TIME"))
-            .await
-            .map_err(redis_error("reading the server's clock"))?;
-        let (secs, micros): (u64, u64) = parse(value, "reading the server's clock")?;
-        Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
+        Ok(record.filter(|r| r.is_live(now)))
     }
 
     /// The record stored for `key`, live or expired, until the server
-    /// expires it (at the moment every operation starts treating it as
-    /// absent). One round trip (a read-only function).
+    /// expires it (no earlier than the moment every operation starts
+    /// treating it as absent). One round trip (a read-only function).
     pub async fn get_record(&self, key: &MessageId) -> Result<Option<Record>> {
+        Ok(self.read(key).await?.1)
+    }
+
+    /// The server's clock (ms) and the record stored for `key`.
+    async fn read(&self, key: &MessageId) -> Result<(u64, Option<Record>)> {
         let reply = self.call("reading a record", "sid1_get", key, &[]).await?;
-        if reply.0.is_empty() {
-            return Ok(None);
+        let now = reply.int(0)?;
+        if reply.0.len() == 1 {
+            return Ok((now, None));
         }
-        let state = match reply.outcome() {
-            b"p" => State::Pending,
-            b"d" => State::Done,
+        let state = match reply.bytes(1).as_deref() {
+            Some(b"p") => State::Pending,
+            Some(b"d") => State::Done,
             _ => return Err(reply.unexpected()),
         };
-        Ok(Some(Record {
+        let record = Record {
             state,
-            expires_at: reply.int(1)?,
-            token: reply.int(2)?,
-            attempts: reply.attempts(3)?,
-            ttl_ms: reply.int(4)?,
-            fingerprint: reply.bytes(5),
-            result: reply.bytes(6),
-        }))
+            expires_at: reply.int(2)?,
+            token: reply.int(3)?,
+            attempts: reply.attempts(4)?,
+            ttl_ms: reply.int(5)?,
+            fingerprint: reply.bytes(6),
+            result: reply.bytes(7),
+        };
+        Ok((now, Some(record)))
     }
 
     /// Marks every handle of this store closed: later calls return
@@ -496,7 +517,7 @@ fn bounded(ttl: Duration, ttl_ms: u64) -> Result<String> {
 }
 
 /// The Redis engine's atomic operations: one function call each.
-impl front::Engine for RedisIdempotencyStore {
+impl Engine for RedisIdempotencyStore {
     fn namespace(&self) -> &str {
         &self.namespace
     }

@@ -75,11 +75,30 @@ impl Server {
             dir: tempfile::tempdir().expect("temporary directory"),
             args: extra.iter().map(|s| s.to_string()).collect(),
         };
-        server.run();
-        server
+        // Another process may take the free port before the server binds it:
+        // then try another.
+        for _ in 0..5 {
+            if server.try_run() {
+                return server;
+            }
+            server.port = free_port();
+        }
+        panic!("redis-server did not start on any of five free ports");
     }
 
+    /// Starts the server on its port and directory; panics if it does not
+    /// come up.
     fn run(&mut self) {
+        assert!(
+            self.try_run(),
+            "redis-server did not start again on port {}",
+            self.port
+        );
+    }
+
+    /// Starts the server and waits until *it* (the directory it reports is
+    /// ours) answers; false if it exited, as on a port already in use.
+    fn try_run(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
@@ -90,17 +109,29 @@ impl Server {
             .spawn()
             .expect("start redis-server");
         self.child = Some(child);
+        let dir = std::fs::canonicalize(self.dir.path())
+            .unwrap_or_else(|_| self.dir.path().to_path_buf())
+            .display()
+            .to_string();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.child = None;
+                return false;
+            }
             if self
-                .command(&["PING"])
-                .is_some_and(|r| r.starts_with("+PONG"))
+                .command(&["CONFIG", "GET", "dir"])
+                .is_some_and(|r| r.contains(&dir))
             {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not answer PING", self.port);
+        panic!("redis-server on port {} did not answer", self.port);
     }
 
     pub fn url(&self) -> String {
@@ -199,6 +230,29 @@ impl Cluster {
     /// The url of one node (any node will do).
     pub fn url(&self) -> String {
         self.nodes[1].url()
+    }
+
+    /// Moves `slots` hash slots, with their keys, from node `from` to node
+    /// `to` (`redis-cli --cluster reshard`).
+    pub fn reshard(&self, from: usize, to: usize, slots: u32) {
+        let id = |i: usize| {
+            let reply = self.nodes[i]
+                .command(&["CLUSTER", "MYID"])
+                .expect("CLUSTER MYID");
+            reply.lines().last().expect("a node id").trim().to_owned()
+        };
+        let status = Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", self.nodes[from].port),
+            ])
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster reshard");
+        assert!(status.success(), "redis-cli --cluster reshard failed");
     }
 
     /// Empties every master.
