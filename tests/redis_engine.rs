@@ -31,6 +31,14 @@ fn lease(result: ClaimResult) -> sled_idempotency::Lease {
     }
 }
 
+/// A store on `server` that asks nothing of its persistence.
+async fn flushing(server: &Server) -> sled_idempotency::Result<RedisIdempotencyStore> {
+    RedisIdempotencyStore::builder(server.url())
+        .durability(Durability::Flush)
+        .open()
+        .await
+}
+
 /// The integer reply of an inline command (`:n`).
 fn integer(server: &Server, args: &[&str]) -> i64 {
     let reply = server.command(args).expect("server reachable");
@@ -165,10 +173,7 @@ async fn tokens_come_from_the_bucket_counter_and_never_fall_below_the_clock() ->
         return Ok(());
     }
     let server = Server::start();
-    let store = RedisIdempotencyStore::builder(server.url())
-        .durability(Durability::Flush)
-        .open()
-        .await?;
+    let store = flushing(&server).await?;
     let id = MessageId::new();
     let hex = id.as_uuid().simple().to_string();
     let counter = format!("sid:{{{}}}:token", &hex[28..]);
@@ -271,10 +276,7 @@ async fn a_corrupted_record_is_reported_by_key_and_never_overwritten() -> TestRe
         return Ok(());
     }
     let server = Server::start();
-    let store = RedisIdempotencyStore::builder(server.url())
-        .durability(Durability::Flush)
-        .open()
-        .await?;
+    let store = flushing(&server).await?;
     let (garbage, hash) = (MessageId::new(), MessageId::new());
     server.command(&["SET", &record_key(&garbage), "not a record"]);
     server.command(&["HSET", &record_key(&hash), "s", "p"]);
@@ -305,10 +307,7 @@ async fn a_server_that_lost_the_functions_gets_them_again() -> TestResult {
         return Ok(());
     }
     let mut server = Server::start(); // keeps nothing across a restart
-    let store = RedisIdempotencyStore::builder(server.url())
-        .durability(Durability::Flush)
-        .open()
-        .await?;
+    let store = flushing(&server).await?;
     lease(store.claim(&MessageId::new(), TTL).await?);
     server.restart();
     let listed = server.command(&["FUNCTION", "LIST"]).expect("reachable");
