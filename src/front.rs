@@ -293,3 +293,28 @@ macro_rules! operations {
     };
 }
 pub(crate) use operations;
+
+/// `impl IdempotencyStore for $store`, delegating to the operations above.
+macro_rules! bus_core_store {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl bus_core::IdempotencyStore for $store {
+            async fn try_claim(
+                &self,
+                key: &bus_core::MessageId,
+                ttl: std::time::Duration,
+            ) -> Result<bus_core::ClaimOutcome, bus_core::BusError> {
+                Ok(<$store>::try_claim(self, key, ttl).await?)
+            }
+
+            async fn mark_done(&self, key: &bus_core::MessageId) -> Result<(), bus_core::BusError> {
+                Ok(<$store>::mark_done(self, key).await?)
+            }
+
+            async fn release(&self, key: &bus_core::MessageId) -> Result<(), bus_core::BusError> {
+                Ok(<$store>::release(self, key).await?)
+            }
+        }
+    };
+}
+pub(crate) use bus_core_store;

@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
+use bus_core::MessageId;
 use sled::IVec;
 use tokio::sync::{RwLock, watch};
 use tokio::task::JoinHandle;
@@ -744,20 +743,7 @@ impl sweeper::Sweep for Inner {
     }
 }
 
-#[async_trait]
-impl IdempotencyStore for SledIdempotencyStore {
-    async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimOutcome, BusError> {
-        Ok(SledIdempotencyStore::try_claim(self, key, ttl).await?)
-    }
-
-    async fn mark_done(&self, key: &MessageId) -> Result<(), BusError> {
-        Ok(SledIdempotencyStore::mark_done(self, key).await?)
-    }
-
-    async fn release(&self, key: &MessageId) -> Result<(), BusError> {
-        Ok(SledIdempotencyStore::release(self, key).await?)
-    }
-}
+front::bus_core_store!(SledIdempotencyStore);
 
 /// The sled engine's atomic operations: read, decide with `machine`,
 /// compare-and-swap, wait for durability.

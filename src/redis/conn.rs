@@ -82,7 +82,7 @@ pub(crate) fn redis_error(context: &'static str) -> impl FnOnce(RedisError) -> E
     }
 }
 
-fn unexpected(context: &'static str, what: String) -> Error {
+pub(crate) fn unexpected(context: &'static str, what: String) -> Error {
     Error::Redis {
         context,
         outcome_unknown: false,

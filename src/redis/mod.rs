@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
+use bus_core::MessageId;
 use redis::Value;
 
 use self::conn::{Conn, redis_error};
@@ -86,9 +85,11 @@ pub struct RedisIdempotencyStore {
 struct Shared {
     conn: Conn,
     clock: Option<Arc<dyn Clock>>,
-    default_ttl_ms: u64,
-    done_ms: Option<u64>,
-    pending_ms: u64,
+    /// The retention arguments every function call passes, as decimal
+    /// text (the done retention empty when unset).
+    default_ttl_arg: String,
+    done_arg: String,
+    pending_arg: String,
     max_result_size: usize,
     durability: Durability,
     closed: AtomicBool,
@@ -237,9 +238,9 @@ impl RedisBuilder {
             shared: Arc::new(Shared {
                 conn,
                 clock: self.clock,
-                default_ttl_ms,
-                done_ms,
-                pending_ms,
+                default_ttl_arg: default_ttl_ms.to_string(),
+                done_arg: done_ms.map(|d| d.to_string()).unwrap_or_default(),
+                pending_arg: pending_ms.to_string(),
                 max_result_size: self.max_result_size,
                 durability: self.durability,
                 closed: AtomicBool::new(false),
@@ -279,15 +280,7 @@ impl Reply {
     }
 
     fn unexpected(&self) -> Error {
-        Error::Redis {
-            context: "reading a function's reply",
-            outcome_unknown: false,
-            source: redis::RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "unexpected reply",
-                format!("{:?}", self.0),
-            )),
-        }
+        conn::unexpected("reading a function's reply", format!("{:?}", self.0))
     }
 
     /// A `lost` reply as the holder it names.
@@ -428,9 +421,11 @@ impl RedisIdempotencyStore {
             }
             None => String::new(),
         };
-        let pending = shared.pending_ms.to_string();
-        let done = shared.done_ms.map(|d| d.to_string()).unwrap_or_default();
-        let mut all: Vec<&[u8]> = vec![now.as_bytes(), pending.as_bytes(), done.as_bytes()];
+        let mut all: Vec<&[u8]> = vec![
+            now.as_bytes(),
+            shared.pending_arg.as_bytes(),
+            shared.done_arg.as_bytes(),
+        ];
         all.extend_from_slice(args);
         let (record, counter) = self.keys(key);
         match shared
@@ -571,7 +566,7 @@ impl Engine for RedisIdempotencyStore {
     }
 
     async fn done(&self, key: &MessageId) -> Result<Option<bool>> {
-        let default_ttl = self.shared.default_ttl_ms.to_string();
+        let default_ttl = &self.shared.default_ttl_arg;
         let reply = self
             .call("marking done", "sid1_done", key, &[default_ttl.as_bytes()])
             .await?;
@@ -647,17 +642,4 @@ impl Engine for RedisIdempotencyStore {
     }
 }
 
-#[async_trait]
-impl IdempotencyStore for RedisIdempotencyStore {
-    async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimOutcome, BusError> {
-        Ok(RedisIdempotencyStore::try_claim(self, key, ttl).await?)
-    }
-
-    async fn mark_done(&self, key: &MessageId) -> Result<(), BusError> {
-        Ok(RedisIdempotencyStore::mark_done(self, key).await?)
-    }
-
-    async fn release(&self, key: &MessageId) -> Result<(), BusError> {
-        Ok(RedisIdempotencyStore::release(self, key).await?)
-    }
-}
+front::bus_core_store!(RedisIdempotencyStore);

@@ -465,37 +465,23 @@ fn failed(what: &'static str) -> impl FnOnce(Error) -> StepError {
 
 impl Driver {
     pub async fn new(dir: &std::path::Path, durability: Durability) -> Result<Driver, String> {
-        let clock = ManualClock::new(T0);
-        let mut driver = Driver {
-            dir: dir.join("db"),
-            durability,
-            clock,
-            store: None,
-            model: Model {
-                now: T0,
-                ..Model::default()
-            },
-            tokens: vec![0],
-            floor: 0,
-            leases: Vec::new(),
-            outcomes: Vec::new(),
-            armed: 0,
-            latched: false,
-        };
+        let mut driver = Driver::fresh(dir.join("db"), durability, ManualClock::new(T0), None);
         driver.reopen().await?;
         Ok(driver)
     }
 
-    /// A driver on `store`, a Redis store opened with this module's
-    /// retention and a clock at [`T0`] (`clock`), and with no record of
-    /// the [`KEYS`] keys in its namespace.
-    #[cfg(feature = "redis")]
-    pub fn redis(store: sled_idempotency::RedisIdempotencyStore, clock: ManualClock) -> Driver {
+    /// A driver with an empty model at [`T0`].
+    fn fresh(
+        dir: std::path::PathBuf,
+        durability: Durability,
+        clock: ManualClock,
+        store: Option<Target>,
+    ) -> Driver {
         Driver {
-            dir: std::path::PathBuf::new(),
-            durability: store.durability(),
+            dir,
+            durability,
             clock,
-            store: Some(Target::Redis(store)),
+            store,
             model: Model {
                 now: T0,
                 ..Model::default()
@@ -507,6 +493,20 @@ impl Driver {
             armed: 0,
             latched: false,
         }
+    }
+
+    /// A driver on `store`, a Redis store opened with this module's
+    /// retention and a clock at [`T0`] (`clock`), and with no record of
+    /// the [`KEYS`] keys in its namespace.
+    #[cfg(feature = "redis")]
+    pub fn redis(store: sled_idempotency::RedisIdempotencyStore, clock: ManualClock) -> Driver {
+        let durability = store.durability();
+        Driver::fresh(
+            std::path::PathBuf::new(),
+            durability,
+            clock,
+            Some(Target::Redis(store)),
+        )
     }
 
     async fn reopen(&mut self) -> Result<(), String> {
