@@ -152,6 +152,34 @@ pub enum Error {
         max: usize,
     },
 
+    /// A line of an import that is not a valid record. Nothing was
+    /// imported.
+    #[error("line {line} of the import: {reason}; nothing was imported")]
+    ImportLine {
+        /// The line number, from 1.
+        line: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An imported record whose key already holds a different record, in
+    /// an import told to fail on conflicts. Nothing was imported.
+    #[error(
+        "line {line} of the import: key {key} in namespace {namespace:?} already holds a \
+         different record ({conflicts} such conflicts in all); nothing was imported: say \
+         whether to keep the stored records or replace them"
+    )]
+    ImportConflict {
+        /// The line number of the first conflict, from 1.
+        line: u64,
+        /// Its namespace.
+        namespace: String,
+        /// Its key.
+        key: String,
+        /// How many lines conflict.
+        conflicts: u64,
+    },
+
     /// The store was closed; open it again to go on.
     #[error("the store is closed; open it again to use it")]
     Closed,

@@ -43,3 +43,12 @@ pub use record::{
 };
 pub use stats::Stats;
 pub use store::SledIdempotencyStore;
+pub use store::admin::{
+    ATTEMPTS_BUCKETS, Admin, Census, CompactReport, ListFilter, OnProgress, Problem, VerifyReport,
+    allocated,
+};
+#[cfg(feature = "admin")]
+pub use store::admin::{
+    CompactStep, Compacted, EXPORT_SCHEMA, Exported, ImportReport, OnConflict, compact,
+    compaction_dir, require_database,
+};

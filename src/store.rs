@@ -31,6 +31,8 @@ use crate::sled::open::{
 use crate::sled::sweeper::{self, SweepReport};
 use crate::stats::{Counters, Stats};
 
+pub(crate) mod admin;
+
 /// A persistent idempotency store on sled — or, more exactly, a handle on
 /// one namespace of it.
 ///
@@ -94,6 +96,8 @@ pub(crate) struct Inner {
     /// The last handle was dropped without `close`: `Drop` releases.
     released_by_drop: AtomicBool,
     closed: watch::Sender<Option<Closed>>,
+    /// The format version the database had before this open.
+    pub(crate) format_found: Option<u32>,
 }
 
 /// How a `close` ended, kept for every other `close` call.
@@ -179,7 +183,7 @@ impl SledIdempotencyStore {
             tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(recover),
             _ => recover(),
         };
-        let (db, names, trees, log) = match opened {
+        let opened = match opened {
             Ok(result) => result?,
             Err(_) => {
                 return Err(Error::NotADatabase {
@@ -188,6 +192,14 @@ impl SledIdempotencyStore {
                 });
             }
         };
+        let crate::sled::open::Opened {
+            db,
+            names,
+            trees,
+            log,
+            format_found,
+            token_floor,
+        } = opened;
         let flusher = Flusher::start(
             Syncer::new(db.clone(), log),
             b.durability,
@@ -203,7 +215,12 @@ impl SledIdempotencyStore {
         let inner = Arc::new(Inner {
             canonical: canonical(&b.path),
             path: b.path,
-            state: Arc::new(RwLock::new(Some(Open { db, trees, flusher }))),
+            state: Arc::new(RwLock::new(Some(Open {
+                db,
+                trees,
+                flusher,
+                token_floor: AtomicU64::new(token_floor),
+            }))),
             spaces: Mutex::new(spaces),
             clock: b.clock,
             retention: Retention {
@@ -221,6 +238,7 @@ impl SledIdempotencyStore {
             handles: AtomicU64::new(1),
             released_by_drop: AtomicBool::new(false),
             closed: watch::channel(None).0,
+            format_found,
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
         *lock(&inner.sweeper) = Some(task);
@@ -324,7 +342,7 @@ impl SledIdempotencyStore {
         }
         while self.inner.removed_tokens.load(Ordering::SeqCst) >= record.token {
             let old = record.encode();
-            record.token = open.latch_on(next_token(&open.db))?;
+            record.token = open.latch_on(next_token(open))?;
             if open
                 .latch_on(cas(tree, key, Some(&old), Some(record.encode())))?
                 .is_err()
@@ -444,47 +462,14 @@ impl SledIdempotencyStore {
         after: Option<&MessageId>,
         limit: usize,
     ) -> Result<Vec<(MessageId, Record)>> {
-        let now = self.inner.clock.now_millis();
-        let after = after.map(key_bytes);
-        let start = after.map(|k| {
-            let mut next = k.to_vec();
-            next.push(0);
-            next
-        });
-        let space = self.space.clone();
-        self.scan(move |_, tree| {
-            let mut out = Vec::new();
-            if state == Some(State::Pending) {
-                space.pending.page(tree, after, limit, |key, r| {
-                    let live = r.is_live(now);
-                    if live {
-                        out.push((MessageId::from_uuid(uuid::Uuid::from_bytes(key)), r));
-                    }
-                    live
-                })?;
-                return Ok(out);
-            }
-            for entry in tree.range(start.unwrap_or_default()..) {
-                if out.len() >= limit {
-                    break;
-                }
-                let (key, value) = entry.map_err(Error::storage("listing records"))?;
-                let Ok(uuid) = uuid::Uuid::from_slice(&key) else {
-                    continue;
-                };
-                match Record::decode(&value) {
-                    Ok(r) if r.is_live(now) && state.is_none_or(|s| s == r.state) => {
-                        out.push((MessageId::from_uuid(uuid), r));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(key = %uuid, error = %e, "listing skipped a corrupted record");
-                    }
-                }
-            }
-            Ok(out)
-        })
-        .await
+        let mut filter = admin::ListFilter::new(limit);
+        if let Some(state) = state {
+            filter = filter.state(state);
+        }
+        if let Some(after) = after {
+            filter = filter.after(after.clone());
+        }
+        self.admin().list(&filter).await
     }
 
     /// Counters of this namespace since open, and its live records now. The
@@ -783,7 +768,7 @@ impl Engine for SledIdempotencyStore {
                 Claim::Take { attempts } => attempts,
                 found => return Ok(Acquired::Not(Self::duplicate(&found, record))),
             };
-            let token = open.latch_on(next_token(&open.db))?;
+            let token = open.latch_on(next_token(open))?;
             let record = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint);
             match open.latch_on(cas(tree, &bytes, current.as_deref(), Some(record.encode())))? {
                 Ok(()) => {}

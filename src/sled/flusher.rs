@@ -249,6 +249,17 @@ impl Flusher {
         if durable { Ok(()) } else { self.check() }
     }
 
+    /// Flushes and fdatasyncs everything written so far on the calling
+    /// thread, whatever the mode (for admin writes: an import, a raised
+    /// token floor). Blocking. A failure latches the store.
+    pub(crate) fn sync_blocking(&self) -> Result<()> {
+        self.check()?;
+        if let Err(e) = self.syncer.flush(true) {
+            self.shared.fail(&e.to_string());
+        }
+        self.check()
+    }
+
     /// Flushes run so far (group commits, periodic flushes, final flushes).
     pub(crate) fn flushes(&self) -> u64 {
         self.syncer.flushes.load(Ordering::Relaxed)

@@ -10,13 +10,18 @@ use sled::IVec;
 use crate::error::{Error, Result};
 use crate::record::Record;
 
+use super::Open;
+
 /// A fresh fencing token: sled's id plus one (ids start at 0; token 0 means
-/// "no claim").
-pub(crate) fn next_token(db: &sled::Db) -> Result<u64> {
-    Ok(db
+/// "no claim") plus the database's token floor. Ids only grow and the floor
+/// is never lowered, so tokens only grow.
+pub(crate) fn next_token(open: &Open) -> Result<u64> {
+    Ok(open
+        .db
         .generate_id()
         .map_err(Error::storage("generating a fencing token"))?
-        .saturating_add(1))
+        .saturating_add(1)
+        .saturating_add(open.token_floor.load(Ordering::SeqCst)))
 }
 
 pub(crate) fn key_bytes(key: &MessageId) -> [u8; 16] {

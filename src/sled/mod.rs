@@ -7,6 +7,8 @@
 //! Nothing here knows the public API: the store drives it, and nothing in
 //! this folder imports the store.
 
+use std::sync::atomic::AtomicU64;
+
 use crate::error::Result;
 
 pub(crate) mod flusher;
@@ -23,6 +25,9 @@ pub(crate) struct Open {
     pub(crate) db: sled::Db,
     pub(crate) trees: Vec<sled::Tree>,
     pub(crate) flusher: Flusher,
+    /// Added to sled's ids to make fencing tokens; raised (never lowered)
+    /// by `import`, recorded in the metadata tree.
+    pub(crate) token_floor: AtomicU64,
 }
 
 impl Open {

@@ -26,6 +26,51 @@ const META_TREE: &str = "sled-idempotency/meta";
 const DEFAULT_TREE: &str = "sled-idempotency/records";
 const NAMESPACE_TREE_PREFIX: &str = "sled-idempotency/ns/";
 const FORMAT_KEY: &str = "format_version";
+/// Added to sled's id counter to make a fencing token (8 bytes, big
+/// endian; absent means 0). `import` and `compact` raise it above every
+/// token they bring in: a fresh sled database counts its ids from zero.
+const TOKEN_FLOOR_KEY: &str = "token_floor";
+
+pub(crate) fn meta_tree(db: &sled::Db) -> Result<sled::Tree> {
+    db.open_tree(META_TREE)
+        .map_err(Error::storage("opening the metadata tree"))
+}
+
+/// The names of sled's trees this crate writes: its metadata tree and one
+/// tree per namespace. Any other tree (besides sled's own default tree) in
+/// a database is a sign of damage or of another program's data.
+pub(crate) fn is_known_tree(name: &[u8]) -> bool {
+    name == META_TREE.as_bytes()
+        || name == DEFAULT_TREE.as_bytes()
+        || name == b"__sled__default"
+        || name
+            .strip_prefix(NAMESPACE_TREE_PREFIX.as_bytes())
+            .and_then(|ns| std::str::from_utf8(ns).ok())
+            .is_some_and(|ns| validate_namespace(ns).is_ok())
+}
+
+/// The token floor recorded in `meta`.
+pub(crate) fn token_floor(meta: &sled::Tree) -> Result<u64> {
+    match meta
+        .get(TOKEN_FLOOR_KEY)
+        .map_err(Error::storage("reading the token floor"))?
+    {
+        None => Ok(0),
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| Error::Corrupt {
+                key: format!("{TOKEN_FLOOR_KEY} (metadata)"),
+                reason: format!("the entry is {} bytes, not 8", bytes.len()),
+            }),
+    }
+}
+
+/// Records `floor` as the token floor (not yet durable: the caller syncs).
+pub(crate) fn set_token_floor(meta: &sled::Tree, floor: u64) -> Result<()> {
+    meta.insert(TOKEN_FLOOR_KEY, &floor.to_be_bytes())
+        .map_err(Error::storage("recording the token floor"))?;
+    Ok(())
+}
 
 pub(crate) fn namespace_tree(name: &str) -> String {
     if name == DEFAULT_NAMESPACE {
@@ -102,7 +147,18 @@ pub(crate) fn wait_for_lock_release(path: &Path) {
     }
 }
 
-pub(crate) type Opened = (sled::Db, Vec<String>, Vec<sled::Tree>, File);
+/// What `open_db` found and opened.
+pub(crate) struct Opened {
+    pub(crate) db: sled::Db,
+    pub(crate) names: Vec<String>,
+    pub(crate) trees: Vec<sled::Tree>,
+    /// The log file, for fdatasync.
+    pub(crate) log: File,
+    /// The format version the database had before this open (`None` for a
+    /// new database).
+    pub(crate) format_found: Option<u32>,
+    pub(crate) token_floor: u64,
+}
 
 pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
     let not_a_db = |reason: String| Error::NotADatabase {
@@ -162,9 +218,7 @@ pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
     // reused, empty and without an error. Make them durable before the first
     // write of this open.
     sync_directories(path, &created)?;
-    let meta = db
-        .open_tree(META_TREE)
-        .map_err(Error::storage("opening the metadata tree"))?;
+    let meta = meta_tree(&db)?;
     let found = match meta
         .get(FORMAT_KEY)
         .map_err(Error::storage("reading the format version"))?
@@ -197,6 +251,7 @@ pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
                 .map_err(Error::storage("recording the format version"))?;
         }
     }
+    let token_floor = token_floor(&meta).map_err(|e| not_a_db(e.to_string()))?;
     let mut names = vec![DEFAULT_NAMESPACE.to_owned()];
     for name in db.tree_names() {
         if let Some(ns) = name.strip_prefix(NAMESPACE_TREE_PREFIX.as_bytes())
@@ -223,7 +278,14 @@ pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
     let log = File::open(path.join("db")).map_err(Error::io("opening the log for fdatasync"))?;
     db.flush().map_err(Error::storage("flushing after open"))?;
     log.sync_data().map_err(Error::io("fdatasync after open"))?;
-    Ok((db, names, trees, log))
+    Ok(Opened {
+        db,
+        names,
+        trees,
+        log,
+        format_found: found,
+        token_floor,
+    })
 }
 
 /// fsyncs sled's configuration file, the database directory, its `blobs`

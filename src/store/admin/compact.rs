@@ -1,0 +1,191 @@
+//! Compaction in place (feature `admin`): sled never gives disk space back
+//! by itself, so the live records are rewritten into a fresh database
+//! beside the old one, which is then swapped in with one atomic exchange of
+//! the two directories (`renameat2(RENAME_EXCHANGE)`, Linux).
+//!
+//! At every moment the database's path holds a whole database: the old
+//! one until the exchange, the new one (complete and durable before the
+//! exchange) after it. A kill at any step leaves at most a directory named
+//! `<name>.compact` beside it, which the next compaction removes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{CompactReport, OnProgress, dir_size};
+use crate::error::{Error, Result};
+use crate::sled::open::wait_for_lock_release;
+use crate::store::SledIdempotencyStore;
+
+/// The steps of [`compact`], reported in this order as each is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CompactStep {
+    /// The database is open (no worker can open it now) and measured.
+    Opened,
+    /// The new database is complete and durable beside the old one.
+    Copied,
+    /// The new database is at the path (the exchange is durable); the
+    /// old one is beside it, still open.
+    Swapped,
+    /// The old database is closed and removed.
+    Removed,
+}
+
+/// What [`compact`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    /// What was copied.
+    pub report: CompactReport,
+    /// The database's size on disk before.
+    pub bytes_before: u64,
+    /// Its size on disk after.
+    pub bytes_after: u64,
+}
+
+/// Where the new database is built, beside the one at `path`.
+pub fn compaction_dir(path: &Path) -> Result<PathBuf> {
+    let path = std::fs::canonicalize(path).map_err(Error::io("finding the database"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidConfig(format!("{} has no directory name", path.display())))?;
+    let mut aside = name.to_os_string();
+    aside.push(".compact");
+    Ok(path.with_file_name(aside))
+}
+
+/// Fails unless `path` is a directory that holds a sled database (without
+/// opening it).
+pub fn require_database(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Err(Error::NotADatabase {
+            path: path.to_path_buf(),
+            reason: "nothing is there".into(),
+        });
+    }
+    if !path.is_dir() {
+        return Err(Error::NotADirectory {
+            path: path.to_path_buf(),
+        });
+    }
+    if !path.join("conf").exists() && !path.join("db").exists() {
+        return Err(Error::NotADatabase {
+            path: path.to_path_buf(),
+            reason: "the directory holds no sled database".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Rewrites every record a sweep would keep into a fresh database and
+/// swaps it in for the one at `path`, which no other process may hold
+/// ([`Error::Locked`] otherwise). The new database's token floor is set
+/// above every token the old one handed out (see
+/// [`Admin::compact_into`](super::Admin::compact_into)). `progress` counts
+/// records read; `on_step` is called as each [`CompactStep`] is reached.
+///
+/// Crash-safe: a kill at any step leaves the old or the new database whole
+/// at `path` (`tests/cli.rs` kills the command-line tool at each step).
+/// Needs a file system that can exchange two directories atomically
+/// (ext4, XFS, Btrfs, tmpfs do).
+pub async fn compact(
+    path: impl AsRef<Path>,
+    progress: Option<OnProgress>,
+    mut on_step: impl FnMut(CompactStep),
+) -> Result<Compacted> {
+    let path = path.as_ref();
+    require_database(path)?;
+    let aside = compaction_dir(path)?;
+    remove_leftover(&aside)?;
+    let store = SledIdempotencyStore::builder(path)
+        // Nothing else writes while the copy runs.
+        .sweep_interval(Duration::from_secs(365 * 24 * 3600))
+        .open()
+        .await?;
+    let bytes_before = store.admin().size_on_disk().await?;
+    on_step(CompactStep::Opened);
+    let mut admin = store.admin();
+    admin.progress = progress;
+    let report = match admin.compact_into(&aside).await {
+        Ok(report) => report,
+        Err(e) => {
+            let _ = store.close().await;
+            return Err(e);
+        }
+    };
+    on_step(CompactStep::Copied);
+    let swapped = {
+        let (path, aside) = (path.to_path_buf(), aside.clone());
+        super::blocking(move || exchange(&path, &aside)).await
+    };
+    if let Err(e) = swapped {
+        let _ = store.close().await;
+        return Err(e);
+    }
+    on_step(CompactStep::Swapped);
+    // The old database (now beside) gets its final flush, then goes.
+    let closed = store.close().await;
+    let removed = {
+        let aside = aside.clone();
+        super::blocking(move || {
+            wait_for_lock_release(&aside);
+            std::fs::remove_dir_all(&aside).map_err(Error::io("removing the old database"))?;
+            sync_parent(&aside)
+        })
+        .await
+    };
+    if let Err(e) = closed {
+        tracing::warn!(error = %e, "closing the old database after the swap failed; the new one is in place");
+    }
+    removed?;
+    on_step(CompactStep::Removed);
+    let bytes_after = {
+        let path = path.to_path_buf();
+        super::blocking(move || dir_size(&path)).await?
+    };
+    Ok(Compacted {
+        report,
+        bytes_before,
+        bytes_after,
+    })
+}
+
+/// Removes what an earlier compaction left beside the database: an empty
+/// directory or a sled database. Anything else is refused.
+fn remove_leftover(aside: &Path) -> Result<()> {
+    if !aside.exists() {
+        return Ok(());
+    }
+    let empty = aside.is_dir()
+        && std::fs::read_dir(aside)
+            .map_err(Error::io("reading a leftover compaction directory"))?
+            .next()
+            .is_none();
+    if !empty && require_database(aside).is_err() {
+        return Err(Error::InvalidConfig(format!(
+            "{} exists and is not a database left by an earlier compaction; move it away first",
+            aside.display()
+        )));
+    }
+    std::fs::remove_dir_all(aside).map_err(Error::io("removing a leftover compaction directory"))
+}
+
+/// Exchanges the two directories atomically and makes the exchange durable.
+fn exchange(path: &Path, aside: &Path) -> Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    renameat_with(CWD, aside, CWD, path, RenameFlags::EXCHANGE).map_err(|e| {
+        Error::io("exchanging the new database with the old one (renameat2 RENAME_EXCHANGE)")(
+            e.into(),
+        )
+    })?;
+    sync_parent(path)
+}
+
+fn sync_parent(path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::File::open(&parent)
+        .and_then(|f| f.sync_all())
+        .map_err(Error::io("syncing the directory that holds the database"))
+}
