@@ -14,11 +14,11 @@ use crate::error::{Error, Result};
 use crate::lease::{ClaimResult, Lease};
 use crate::machine::Holder;
 use crate::record::MAX_FINGERPRINT_LEN;
-use crate::stats::Counters;
+use crate::stats::Count;
 
-fn bump(engine: &impl Engine, counter: impl Fn(&Counters) -> &std::sync::atomic::AtomicU64) {
+fn bump(engine: &impl Engine, count: Count) {
     if let Some(counters) = engine.counters() {
-        Counters::bump(counter(counters));
+        counters.bump(count);
     }
 }
 
@@ -80,21 +80,27 @@ async fn acquire<E: Engine>(
     ttl: Duration,
     fingerprint: Option<&[u8]>,
 ) -> Result<Acquired> {
+    #[cfg(feature = "metrics")]
+    let started = std::time::Instant::now();
     let acquired = engine.acquire(key, ttl, ttl_ms(ttl)?, fingerprint).await?;
+    #[cfg(feature = "metrics")]
+    if let Some(counters) = engine.counters() {
+        counters.meters().claim_took(started.elapsed());
+    }
     let namespace = engine.namespace();
     match &acquired {
         Acquired::Lease {
             token, attempts, ..
         } => {
-            bump(engine, |c| &c.claims);
+            bump(engine, Count::Claims);
             tracing::debug!(key = %key, namespace, token, attempts, "claimed");
         }
-        Acquired::Not(ClaimResult::Done { .. }) => bump(engine, |c| &c.duplicates_done),
+        Acquired::Not(ClaimResult::Done { .. }) => bump(engine, Count::DuplicatesDone),
         Acquired::Not(ClaimResult::Conflict { .. }) => {
-            bump(engine, |c| &c.fingerprint_conflicts);
+            bump(engine, Count::FingerprintConflicts);
             tracing::warn!(key = %key, namespace, "claim with a different payload fingerprint");
         }
-        Acquired::Not(_) => bump(engine, |c| &c.duplicates_pending),
+        Acquired::Not(_) => bump(engine, Count::DuplicatesPending),
     }
     Ok(acquired)
 }
@@ -103,11 +109,11 @@ pub(crate) async fn mark_done<E: Engine>(engine: &E, key: &MessageId) -> Result<
     let namespace = engine.namespace();
     match engine.done(key).await? {
         Some(true) => {
-            bump(engine, |c| &c.late_completions);
+            bump(engine, Count::LateCompletions);
             tracing::warn!(key = %key, namespace, "late completion: marked done with no claim on record");
         }
         Some(false) => {
-            bump(engine, |c| &c.completions);
+            bump(engine, Count::Completions);
             tracing::debug!(key = %key, namespace, "marked done");
         }
         None => {}
@@ -117,7 +123,7 @@ pub(crate) async fn mark_done<E: Engine>(engine: &E, key: &MessageId) -> Result<
 
 pub(crate) async fn release<E: Engine>(engine: &E, key: &MessageId) -> Result<()> {
     if engine.release(key).await? {
-        bump(engine, |c| &c.releases);
+        bump(engine, Count::Releases);
         tracing::debug!(key = %key, namespace = engine.namespace(), "released");
     }
     Ok(())
@@ -144,7 +150,7 @@ pub(crate) async fn complete<E: Engine>(
     .await?;
     match finished {
         Finished::Wrote => {
-            bump(engine, |c| &c.completions);
+            bump(engine, Count::Completions);
             tracing::debug!(key = %lease.key, namespace = engine.namespace(), token = lease.token, "completed");
             Ok(())
         }
@@ -158,7 +164,7 @@ pub(crate) async fn complete<E: Engine>(
 
 pub(crate) async fn abandon<E: Engine>(engine: &E, lease: &Lease) -> Result<()> {
     leased(engine, lease, engine.abandon(&lease.key, lease.token)).await?;
-    bump(engine, |c| &c.releases);
+    bump(engine, Count::Releases);
     tracing::debug!(key = %lease.key, namespace = engine.namespace(), token = lease.token, "abandoned");
     Ok(())
 }
@@ -195,7 +201,7 @@ async fn leased<E: Engine, T>(
     match operation.await? {
         Ok(out) => Ok(out),
         Err(holds) => {
-            bump(engine, |c| &c.lease_conflicts);
+            bump(engine, Count::LeaseConflicts);
             tracing::warn!(key = %lease.key, namespace = engine.namespace(), token = lease.token, holds = %holds, "lease no longer held");
             Err(lease.lost(holds))
         }

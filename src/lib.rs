@@ -12,6 +12,8 @@ mod front;
 mod latch_tests;
 mod lease;
 pub mod machine;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod namespace;
 mod pending;
 mod record;

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::pending::PendingIndex;
 use crate::stats::Counters;
@@ -26,11 +27,11 @@ pub(crate) struct Space {
 }
 
 impl Space {
-    pub(crate) fn new(index: usize, name: &str) -> Arc<Space> {
+    pub(crate) fn new(index: usize, name: &str, durability: Durability) -> Arc<Space> {
         Arc::new(Space {
             index,
             name: name.into(),
-            counters: Counters::default(),
+            counters: Counters::new(name, durability),
             pending: PendingIndex::default(),
         })
     }

@@ -1,4 +1,5 @@
-//! Counters since open, per namespace.
+//! Counters since open, per namespace, and (feature `metrics`) the same
+//! counts reported through the `metrics` facade.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -31,35 +32,69 @@ pub struct Stats {
     pub flushes: u64,
 }
 
-#[derive(Debug, Default)]
+/// What a counter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Count {
+    Claims,
+    DuplicatesPending,
+    DuplicatesDone,
+    FingerprintConflicts,
+    Completions,
+    LateCompletions,
+    Releases,
+    LeaseConflicts,
+    Swept,
+}
+
+/// Number of [`Count`]s.
+pub(crate) const COUNTS: usize = 9;
+
+/// One namespace's counters.
+#[derive(Debug)]
 pub(crate) struct Counters {
-    pub(crate) claims: AtomicU64,
-    pub(crate) duplicates_pending: AtomicU64,
-    pub(crate) duplicates_done: AtomicU64,
-    pub(crate) fingerprint_conflicts: AtomicU64,
-    pub(crate) completions: AtomicU64,
-    pub(crate) late_completions: AtomicU64,
-    pub(crate) releases: AtomicU64,
-    pub(crate) lease_conflicts: AtomicU64,
-    pub(crate) swept: AtomicU64,
+    counts: [AtomicU64; COUNTS],
+    #[cfg(feature = "metrics")]
+    meters: crate::metrics::Meters,
 }
 
 impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
+    /// Counters of `namespace` in a store opened with `durability`.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn new(namespace: &str, durability: crate::Durability) -> Self {
+        Self {
+            counts: Default::default(),
+            #[cfg(feature = "metrics")]
+            meters: crate::metrics::Meters::new(namespace, durability),
+        }
+    }
+
+    pub(crate) fn add(&self, count: Count, n: u64) {
+        self.counts[count as usize].fetch_add(n, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.meters.count(count, n);
+    }
+
+    pub(crate) fn bump(&self, count: Count) {
+        self.add(count, 1);
+    }
+
+    #[cfg(feature = "metrics")]
+    pub(crate) fn meters(&self) -> &crate::metrics::Meters {
+        &self.meters
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
+        let get = |count: Count| self.counts[count as usize].load(Relaxed);
         Stats {
-            claims: self.claims.load(Relaxed),
-            duplicates_pending: self.duplicates_pending.load(Relaxed),
-            duplicates_done: self.duplicates_done.load(Relaxed),
-            fingerprint_conflicts: self.fingerprint_conflicts.load(Relaxed),
-            completions: self.completions.load(Relaxed),
-            late_completions: self.late_completions.load(Relaxed),
-            releases: self.releases.load(Relaxed),
-            lease_conflicts: self.lease_conflicts.load(Relaxed),
-            swept: self.swept.load(Relaxed),
+            claims: get(Count::Claims),
+            duplicates_pending: get(Count::DuplicatesPending),
+            duplicates_done: get(Count::DuplicatesDone),
+            fingerprint_conflicts: get(Count::FingerprintConflicts),
+            completions: get(Count::Completions),
+            late_completions: get(Count::LateCompletions),
+            releases: get(Count::Releases),
+            lease_conflicts: get(Count::LeaseConflicts),
+            swept: get(Count::Swept),
             ..Stats::default()
         }
     }

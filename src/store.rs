@@ -13,7 +13,7 @@ use tokio::sync::{RwLock, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, millis};
-use crate::config::Builder;
+use crate::config::{Builder, Durability};
 use crate::engine::{Acquired, Engine, Finished};
 use crate::error::{Error, Result};
 use crate::front;
@@ -29,7 +29,7 @@ use crate::sled::open::{
     wait_until_released,
 };
 use crate::sled::sweeper::{self, SweepReport};
-use crate::stats::{Counters, Stats};
+use crate::stats::{Count, Counters, Stats};
 
 pub(crate) mod admin;
 
@@ -96,6 +96,7 @@ pub(crate) struct Inner {
     /// The last handle was dropped without `close`: `Drop` releases.
     released_by_drop: AtomicBool,
     closed: watch::Sender<Option<Closed>>,
+    durability: Durability,
     /// The format version the database had before this open.
     pub(crate) format_found: Option<u32>,
 }
@@ -208,7 +209,7 @@ impl SledIdempotencyStore {
         let spaces: Vec<Arc<Space>> = names
             .iter()
             .enumerate()
-            .map(|(index, name)| Space::new(index, name))
+            .map(|(index, name)| Space::new(index, name, b.durability))
             .collect();
         let default = spaces[0].clone();
         let (stop, stop_rx) = watch::channel(false);
@@ -239,6 +240,7 @@ impl SledIdempotencyStore {
             released_by_drop: AtomicBool::new(false),
             closed: watch::channel(None).0,
             format_found,
+            durability: b.durability,
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
         *lock(&inner.sweeper) = Some(task);
@@ -283,7 +285,7 @@ impl SledIdempotencyStore {
             .open_tree(namespace_tree(name))
             .map_err(Error::storage("creating a namespace"))?;
         let mut spaces = lock(&self.inner.spaces);
-        let space = Space::new(spaces.len(), name);
+        let space = Space::new(spaces.len(), name, self.inner.durability);
         open.trees.push(tree);
         spaces.push(space.clone());
         tracing::debug!(namespace = name, "namespace created");
@@ -701,10 +703,7 @@ impl Inner {
                         space.pending.ended(tree, &key);
                     }
                 }
-                space
-                    .counters
-                    .swept
-                    .fetch_add(report.removed, Ordering::Relaxed);
+                space.counters.add(Count::Swept, report.removed);
                 let mut batch = done(report);
                 batch.next = scan.next.map(|from| sweeper::Cursor {
                     from,

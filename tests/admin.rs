@@ -3,6 +3,8 @@
 //! round-trip byte for byte and refuse bad input with nothing written, and
 //! import and compaction keep the fencing guarantee.
 
+#![cfg(feature = "admin")]
+
 mod common;
 
 use std::time::Duration;

@@ -79,6 +79,9 @@ const NAMESPACES_KEY: &str = "sid:namespaces";
 pub struct RedisIdempotencyStore {
     shared: Arc<Shared>,
     namespace: Arc<str>,
+    /// This handle's counters (they feed the `metrics` feature; the Redis
+    /// engine offers no `stats`).
+    counters: Arc<Counters>,
 }
 
 #[derive(Debug)]
@@ -246,6 +249,7 @@ impl RedisBuilder {
                 closed: AtomicBool::new(false),
             }),
             namespace: DEFAULT_NAMESPACE.into(),
+            counters: Arc::new(Counters::new(DEFAULT_NAMESPACE, self.durability)),
         })
     }
 }
@@ -356,6 +360,7 @@ impl RedisIdempotencyStore {
         Ok(RedisIdempotencyStore {
             shared: self.shared.clone(),
             namespace: name.into(),
+            counters: Arc::new(Counters::new(name, self.shared.durability)),
         })
     }
 
@@ -518,7 +523,7 @@ impl Engine for RedisIdempotencyStore {
     }
 
     fn counters(&self) -> Option<&Counters> {
-        None
+        Some(&self.counters)
     }
 
     fn max_result_size(&self) -> usize {

@@ -106,6 +106,9 @@ struct Plan {
     #[cfg(any(test, feature = "fault-injection"))]
     flush_now: bool,
     shutdown: bool,
+    /// Writers waiting for the next flush (its group-commit size).
+    #[cfg(feature = "metrics")]
+    waiting: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -122,6 +125,8 @@ struct Shared {
     progress: watch::Sender<Progress>,
     /// The first I/O failure; set once, never cleared.
     failure: OnceLock<Arc<str>>,
+    #[cfg(feature = "metrics")]
+    meters: crate::metrics::FlushMeters,
 }
 
 impl Shared {
@@ -135,6 +140,8 @@ impl Shared {
     /// every waiting writer.
     fn fail(&self, cause: &str) {
         if self.failure.set(cause.into()).is_ok() {
+            #[cfg(feature = "metrics")]
+            self.meters.io_failures.increment(1);
             tracing::error!(
                 cause,
                 "the store accepts no more writes until the database is reopened"
@@ -175,6 +182,8 @@ impl Flusher {
             dirty: AtomicBool::new(false),
             progress: watch::channel(Progress::default()).0,
             failure: OnceLock::new(),
+            #[cfg(feature = "metrics")]
+            meters: crate::metrics::FlushMeters::new(durability),
         });
         let syncer = Arc::new(syncer);
         let thread = {
@@ -223,10 +232,16 @@ impl Flusher {
             self.shared.dirty.store(true, Ordering::Release);
             return Ok(());
         }
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         let mut progress = self.shared.progress.subscribe();
         let epoch = {
             let mut plan = self.shared.plan();
             plan.wanted = plan.wanted.max(plan.next);
+            #[cfg(feature = "metrics")]
+            {
+                plan.waiting += 1;
+            }
             self.shared.wake.notify_one();
             plan.next
         };
@@ -246,7 +261,15 @@ impl Flusher {
         };
         // A write covered by a flush that succeeded before the failure is
         // durable; any other is not acknowledged.
-        if durable { Ok(()) } else { self.check() }
+        if !durable {
+            return self.check();
+        }
+        #[cfg(feature = "metrics")]
+        self.shared
+            .meters
+            .durability_wait
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     /// Flushes and fdatasyncs everything written so far on the calling
@@ -344,6 +367,11 @@ fn group_commit(shared: &Shared, syncer: &Syncer, fdatasync: bool) {
                 return; // shut down with nobody waiting
             }
             plan.next += 1;
+            #[cfg(feature = "metrics")]
+            shared
+                .meters
+                .group_commit_size
+                .record(std::mem::take(&mut plan.waiting) as f64);
             plan.next - 1
         };
         match syncer.flush(fdatasync) {
