@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use sled_idempotency::{
     DEFAULT_PENDING_RETENTION, Durability, ManualClock, MessageId, SledIdempotencyStore,
 };
@@ -220,4 +220,15 @@ fn reopen_1m(c: &mut Criterion) {
 }
 
 criterion_group!(benches, claim, sweep_1m, reopen_1m);
-criterion_main!(benches);
+
+/// `criterion_main!`, with a Prometheus recorder installed first when the
+/// `metrics` feature is on: `benches/side-by-side.sh` on a build with and
+/// one without the feature measures what metrics cost the claim path.
+fn main() {
+    #[cfg(feature = "metrics")]
+    let _metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("install the Prometheus recorder");
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

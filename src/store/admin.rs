@@ -18,7 +18,7 @@ use super::{SledIdempotencyStore, blocking};
 use crate::error::{Error, Result};
 use crate::machine;
 use crate::record::{MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, Record, State};
-use crate::sled::keyspace::{display_key, next_token};
+use crate::sled::keyspace::{cas, display_key, next_token};
 use crate::sled::open::{
     FORMAT_VERSION, is_known_tree, meta_tree, namespace_tree, open_db, set_token_floor,
     token_floor, wait_for_lock_release,
@@ -501,13 +501,19 @@ impl Admin<'_> {
                             key: display_key(&key),
                             reason: e.to_string(),
                         })?;
-                    if keep {
-                        to.insert(key, value)
-                            .map_err(Error::storage("writing the new database"))?;
-                        report.records += 1;
-                    } else {
+                    if !keep {
                         report.dropped += 1;
+                        continue;
                     }
+                    // Keys are unique in a tree, so each one is new to the
+                    // fresh tree and the swap always lands.
+                    if cas(&to, &key, None, Some(value.to_vec()))?.is_err() {
+                        return Err(Error::Corrupt {
+                            key: display_key(&key),
+                            reason: "the key was copied twice".into(),
+                        });
+                    }
+                    report.records += 1;
                 }
             }
             ticker.report();
