@@ -82,11 +82,13 @@ async fn acquire<E: Engine>(
 ) -> Result<Acquired> {
     #[cfg(feature = "metrics")]
     let started = std::time::Instant::now();
-    let acquired = engine.acquire(key, ttl, ttl_ms(ttl)?, fingerprint).await?;
+    let acquired = engine.acquire(key, ttl, ttl_ms(ttl)?, fingerprint).await;
+    // Failed claims too: a durability timeout belongs in the latencies.
     #[cfg(feature = "metrics")]
     if let Some(counters) = engine.counters() {
         counters.meters().claim_took(started.elapsed());
     }
+    let acquired = acquired?;
     let namespace = engine.namespace();
     match &acquired {
         Acquired::Lease {

@@ -51,6 +51,6 @@ pub use store::admin::{
 };
 #[cfg(feature = "admin")]
 pub use store::admin::{
-    CompactStep, Compacted, EXPORT_SCHEMA, Exported, ImportReport, OnConflict, compact,
-    compaction_dir, require_database,
+    CompactStep, Compacted, EXPORT_SCHEMA, Exported, ImportReport, MAX_IMPORTED_TOKEN, OnConflict,
+    compact, compaction_dir, require_database,
 };

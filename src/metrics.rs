@@ -22,10 +22,11 @@
 //! |---|---|---|
 //! | `sled_idempotency_io_failures_total` | counter | I/O failures that latched the store (at most one per open) |
 //! | `sled_idempotency_durability_wait_seconds` | histogram | how long an acknowledged write waited for its flush (`Sync`, `Flush`) |
-//! | `sled_idempotency_group_commit_size` | histogram | writes one flush made durable (`Sync`, `Flush`) |
+//! | `sled_idempotency_group_commit_size` | histogram | calls one flush released: acknowledged writes, and calls that wrote nothing but waited for a write already made (`Sync`, `Flush`) |
 //!
 //! And `sled_idempotency_claim_seconds`, a histogram labelled `namespace`
-//! and `durability`: the latency of each claim, durability wait included.
+//! and `durability`: the latency of each claim, durability wait included,
+//! failed claims too.
 
 use std::time::Duration;
 

@@ -274,7 +274,17 @@ impl SledIdempotencyStore {
         if let Some(space) = self.inner.find_space(name) {
             return Ok(self.with_space(space));
         }
-        let mut guard = self.inner.state.write().await;
+        // Never queue for the write lock: a queued writer would hold up
+        // every claim behind a long admin walk (which holds a read lock).
+        let mut guard = loop {
+            if let Ok(guard) = self.inner.state.try_write() {
+                break guard;
+            }
+            if self.inner.closing.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
         let open = guard.as_mut().ok_or(Error::Closed)?;
         // Someone may have created it while we waited for the lock.
         if let Some(space) = self.inner.find_space(name) {

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use common::{Fixture, T0, TTL, TestResult, id};
 use sled_idempotency::{
-    ATTEMPTS_BUCKETS, ClaimResult, Error, ListFilter, OnConflict, SledIdempotencyStore, State,
+    ATTEMPTS_BUCKETS, ClaimResult, Error, ListFilter, MAX_IMPORTED_TOKEN, OnConflict,
+    SledIdempotencyStore, State,
 };
 
 const RECORDS_TREE: &str = "sled-idempotency/records";
@@ -147,7 +148,101 @@ async fn verify_names_each_bad_key_and_passes_a_sound_database() -> TestResult {
             .any(|p| p.contains(&id(5).to_string()) && p.contains("fencing"))
     );
     assert!(shown.iter().any(|p| p.contains("some-other-tree")));
+    // Compaction copies a value that does not decode as it is: nothing
+    // stored is lost, and verify still names it.
+    let dest = fx.dir.path().join("compacted");
+    let report = store.admin().compact_into(&dest).await?;
+    assert_eq!(report.corrupt, 1);
     store.close().await?;
+    let compacted = SledIdempotencyStore::open(&dest).await?;
+    let shown: Vec<String> = compacted
+        .admin()
+        .verify()
+        .await?
+        .problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert!(
+        shown
+            .iter()
+            .any(|p| p.contains(&key3) && p.contains("version 9")),
+        "{shown:?}"
+    );
+    compacted.close().await?;
+    Ok(())
+}
+
+/// Records of record version 1 (from databases older than format 2)
+/// equal to the imported ones are not conflicts: re-importing an export
+/// into the database it came from changes nothing.
+#[tokio::test]
+async fn an_export_of_version_1_records_imports_back_unchanged() -> TestResult {
+    let copy = tempfile::tempdir()?;
+    let path = copy.path().join("db");
+    std::fs::create_dir(&path)?;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v1");
+    for entry in std::fs::read_dir(fixture)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), path.join(entry.file_name()))?;
+        }
+    }
+    let store = SledIdempotencyStore::builder(&path)
+        .clock(sled_idempotency::ManualClock::new(T0))
+        .open()
+        .await?;
+    let exported = export_all(&store).await?;
+    assert!(!exported.is_empty());
+    let report = store
+        .admin()
+        .import(std::io::Cursor::new(exported.clone()), OnConflict::Fail)
+        .await?;
+    assert_eq!((report.unchanged, report.written), (report.lines, 0));
+    assert_eq!(export_all(&store).await?, exported);
+    store.close().await?;
+    Ok(())
+}
+
+/// Claims that land while a running store is compacted carry tokens above
+/// the floor set when the copy began; the floor is raised past them once
+/// the copy ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacting_a_running_store_keeps_the_floor_above_claims_made_meanwhile() -> TestResult {
+    let fx = Fixture::new();
+    let store = fx.open().await?;
+    for n in 0..20_000 {
+        store.try_claim(&id(n), TTL).await?;
+    }
+    let dest = fx.dir.path().join("compacted");
+    let claimer = store.clone();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let claims = tokio::spawn(async move {
+        // Keys after every existing one: the copy reaches them last.
+        let mut n = 1_000_000;
+        while !*stopped.borrow() {
+            claimer.try_claim(&id(n), TTL).await?;
+            n += 1;
+        }
+        Ok::<u128, Error>(n - 1_000_000)
+    });
+    let report = store.admin().compact_into(&dest).await?;
+    let _ = stop.send(true);
+    let made = claims.await??;
+    store.close().await?;
+    let compacted = SledIdempotencyStore::open(&dest).await?;
+    let copied = compacted
+        .admin()
+        .list(&ListFilter::new(usize::MAX).include_expired(true))
+        .await?;
+    let highest = copied.iter().map(|(_, r)| r.token).max().ok_or("records")?;
+    assert!(
+        report.token_floor > highest,
+        "floor {} above every copied token ({highest}; {made} claims ran during the copy)",
+        report.token_floor
+    );
+    assert!(compacted.admin().verify().await?.problems.is_empty());
+    compacted.close().await?;
     Ok(())
 }
 
@@ -245,6 +340,23 @@ async fn export_import_export_is_byte_identical_and_keeps_fencing() -> TestResul
         target.get_record(&id(8_000)).await?.is_none(),
         "nothing written"
     );
+    let in_new_namespace = text
+        .lines()
+        .next()
+        .ok_or("a line")?
+        .replace(r#""namespace":"default""#, r#""namespace":"fresh""#);
+    let refused = target
+        .admin()
+        .import(
+            std::io::Cursor::new(format!("{in_new_namespace}\n{changed}")),
+            OnConflict::Fail,
+        )
+        .await;
+    assert!(matches!(refused, Err(Error::ImportConflict { .. })));
+    assert!(
+        !target.namespaces().contains(&"fresh".to_owned()),
+        "a refused import creates no namespace"
+    );
     let kept = target
         .admin()
         .import(std::io::Cursor::new(changed.clone()), OnConflict::Keep)
@@ -298,6 +410,14 @@ async fn a_bad_import_line_is_named_and_nothing_is_written() -> TestResult {
         (
             lines[1].replace(r#""attempts":1"#, r#""attempts":0"#),
             "no attempts",
+        ),
+        (
+            with_token(lines[1], MAX_IMPORTED_TOKEN + 1),
+            "not below the next token",
+        ),
+        (
+            lines[1].replace(r#""ttl_ms":30000"#, r#""ttl_ms":0"#),
+            "a ttl of 0 ms",
         ),
         (lines[1].replace("}", r#","extra":1}"#), "unknown field"),
         (lines[1][..20].to_owned(), "EOF"),
@@ -377,6 +497,15 @@ async fn compaction_copies_what_a_sweep_keeps_and_raises_the_token_floor() -> Te
     assert!(lease.token() > released, "{} > {released}", lease.token());
     compacted.close().await?;
     Ok(())
+}
+
+/// `line` with its token replaced by `token`.
+fn with_token(line: &str, token: u64) -> String {
+    let start = line
+        .find(r#""token":"#)
+        .map_or(0, |i| i + r#""token":"#.len());
+    let end = line[start..].find(',').map_or(line.len(), |i| start + i);
+    format!("{}{token}{}", &line[..start], &line[end..])
 }
 
 fn hex(bytes: &[u8]) -> String {

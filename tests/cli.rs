@@ -593,3 +593,53 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// `compact` keeps what a worker with the given retention remembers, and
+/// follows a symbolic link to the database.
+#[tokio::test]
+async fn compact_honours_the_retention_given_and_follows_a_link() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("db");
+    let clock = ManualClock::new(now_ms() - 2 * HOUR.as_millis() as u64);
+    let store = SledIdempotencyStore::builder(&db)
+        .clock(clock.clone())
+        .open()
+        .await?;
+    // Expired two hours ago: remembered for the default day, forgotten
+    // under an hour's retention.
+    store.try_claim(&id(1), Duration::from_secs(60)).await?;
+    clock.set(now_ms());
+    store.try_claim(&id(2), HOUR).await?;
+    store.close().await?;
+
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&db, &link)?;
+    let kept = json(&run(&["compact", arg(&link), "--json"]));
+    assert_eq!(
+        (kept["records"].as_u64(), kept["dropped"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)?.file_type().is_symlink(),
+        "the link stays a link"
+    );
+    assert!(!dir.path().join("db.compact").exists() && !dir.path().join("link.compact").exists());
+    assert_eq!(code(&run(&["get", arg(&db), &id(1).to_string()])), 0);
+
+    let shorter = run(&[
+        "--pending-retention",
+        "3600",
+        "compact",
+        arg(&link),
+        "--json",
+    ]);
+    assert_eq!(code(&shorter), 0, "{}", stderr(&shorter));
+    let report = json(&shorter);
+    assert_eq!(
+        (report["records"].as_u64(), report["dropped"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(code(&run(&["get", arg(&db), &id(1).to_string()])), 1);
+    assert_eq!(code(&run(&["get", arg(&db), &id(2).to_string()])), 0);
+    Ok(())
+}

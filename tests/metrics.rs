@@ -161,10 +161,20 @@ async fn counters_match_a_known_sequence_exactly() -> TestResult {
         Some(&DebugValue::Counter(0))
     );
 
-    // A failed fdatasync latches the store and is counted once.
+    // A failed fdatasync latches the store and is counted once; the claim
+    // it refuses still has its latency recorded.
     store.inject_sync_failure(true).await?;
     assert!(store.try_claim(&id(9), TTL).await.is_err());
     let metrics = snapshot(&snapshotter);
+    let claims = match metrics.get(&(
+        "sled_idempotency_claim_seconds".to_owned(),
+        labels(&[("namespace", "default"), ("durability", "sync")]),
+    )) {
+        Some(DebugValue::Histogram(values)) => values.len(),
+        other => panic!("claim_seconds is {other:?}"),
+    };
+    // The recorder hands out the samples taken since the last snapshot.
+    assert_eq!(claims, 1, "the refused claim is in the latencies");
     assert_eq!(
         metrics.get(&(
             "sled_idempotency_io_failures_total".to_owned(),

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use sled_idempotency::{
-    ATTEMPTS_BUCKETS, Admin, Census, CompactStep, DEFAULT_NAMESPACE, Error, ListFilter, MessageId,
-    OnConflict, Record, SledIdempotencyStore, State,
+    ATTEMPTS_BUCKETS, Admin, Builder, Census, CompactStep, DEFAULT_NAMESPACE, Error, ListFilter,
+    MessageId, OnConflict, Record, SledIdempotencyStore, State,
 };
 
 mod open;
@@ -42,10 +42,6 @@ struct Cli {
     /// worker's `pending_retention`: decides what a sweep removes.
     #[arg(long, global = true, value_name = "SECONDS")]
     pending_retention: Option<u64>,
-    /// Retention of done records (seconds), as the worker's `done_retention`
-    /// (by default each record's own ttl).
-    #[arg(long, global = true, value_name = "SECONDS")]
-    done_retention: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -196,7 +192,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli)) {
+    // An interrupted command drops what it opened, and so removes the
+    // copy a read-only command made (a kill cannot be caught: that copy is
+    // left in the temporary directory).
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(cli) => outcome,
+            signal = interrupted() => Err(signal),
+        }
+    });
+    match outcome {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::No) => ExitCode::from(1),
         Err(message) => {
@@ -206,10 +211,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Waits for Ctrl-C or SIGTERM and says which came.
+async fn interrupted() -> String {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "interrupted".into();
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted".into(),
+        _ = term.recv() => "terminated".into(),
+    }
+}
+
 async fn run(cli: Cli) -> CliResult {
     let settings = Settings {
         pending_retention: cli.pending_retention.map(Duration::from_secs),
-        done_retention: cli.done_retention.map(Duration::from_secs),
     };
     match cli.command {
         Command::Stats {
@@ -226,6 +246,7 @@ async fn run(cli: Cli) -> CliResult {
             namespace,
             json,
         }) => {
+            parse_id(&id)?;
             let opened = Opened::read_only(&db, settings).await?;
             with(opened, async |o| get(o, &namespace, &id, json).await).await
         }
@@ -310,7 +331,7 @@ async fn run(cli: Cli) -> CliResult {
             }
             result
         }
-        Command::Compact { db, json } => compact(&db, json).await,
+        Command::Compact { db, json } => compact(open::builder(&db, settings), &db, json).await,
     }
 }
 
@@ -664,7 +685,7 @@ async fn import(
     Ok(Outcome::Done)
 }
 
-async fn compact(db: &Path, json: bool) -> CliResult {
+async fn compact(builder: Builder, db: &Path, json: bool) -> CliResult {
     let started = Instant::now();
     let pause_at = std::env::var(open::PAUSE_VARIABLE).ok();
     let pause = move |step: &str| {
@@ -676,7 +697,7 @@ async fn compact(db: &Path, json: bool) -> CliResult {
     let walked = bar.base();
     let progress_pause = pause.clone();
     let compacted = sled_idempotency::compact(
-        db,
+        builder,
         Some(std::sync::Arc::new(move |n| {
             walked.set(n);
             // The first report comes after a few thousand records: mid-copy.

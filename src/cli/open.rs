@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sled_idempotency::{Error, SledIdempotencyStore, allocated, require_database};
+use sled_idempotency::{Builder, Error, SledIdempotencyStore, allocated, require_database};
 use tempfile::TempDir;
 
 use crate::show::Bar;
@@ -27,7 +27,6 @@ pub(crate) fn pause(step: &str) {
 #[derive(Clone, Copy)]
 pub(crate) struct Settings {
     pub(crate) pending_retention: Option<Duration>,
-    pub(crate) done_retention: Option<Duration>,
 }
 
 /// The store a command works on.
@@ -56,17 +55,19 @@ pub(crate) fn explain(path: &Path, e: Error) -> String {
     }
 }
 
-async fn open(path: &Path, settings: Settings) -> Result<SledIdempotencyStore, Error> {
-    let mut builder = SledIdempotencyStore::builder(path)
+/// A builder for the database at `path` with the retention the user gave.
+pub(crate) fn builder(path: &Path, settings: Settings) -> Builder {
+    let builder = SledIdempotencyStore::builder(path)
         // Sweeps happen only when asked for (`sweep`).
         .sweep_interval(Duration::from_secs(365 * 24 * 3600));
-    if let Some(retention) = settings.pending_retention {
-        builder = builder.pending_retention(retention);
+    match settings.pending_retention {
+        Some(retention) => builder.pending_retention(retention),
+        None => builder,
     }
-    if let Some(retention) = settings.done_retention {
-        builder = builder.done_retention(retention);
-    }
-    builder.open().await
+}
+
+async fn open(path: &Path, settings: Settings) -> Result<SledIdempotencyStore, Error> {
+    builder(path, settings).open().await
 }
 
 /// Every file under `path`, relative, with its length and the bytes it

@@ -16,12 +16,17 @@ use super::Open;
 /// "no claim") plus the database's token floor. Ids only grow and the floor
 /// is never lowered, so tokens only grow.
 pub(crate) fn next_token(open: &Open) -> Result<u64> {
-    Ok(open
+    let id = open
         .db
         .generate_id()
-        .map_err(Error::storage("generating a fencing token"))?
-        .saturating_add(1)
-        .saturating_add(open.token_floor.load(Ordering::SeqCst)))
+        .map_err(Error::storage("generating a fencing token"))?;
+    // Saturating would hand out one token again and again: fencing broken.
+    id.checked_add(1)
+        .and_then(|t| t.checked_add(open.token_floor.load(Ordering::SeqCst)))
+        .ok_or_else(|| Error::Corrupt {
+            key: "token_floor (metadata)".into(),
+            reason: "fencing tokens would overflow 64 bits".into(),
+        })
 }
 
 pub(crate) fn key_bytes(key: &MessageId) -> [u8; 16] {

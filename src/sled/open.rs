@@ -31,6 +31,10 @@ const FORMAT_KEY: &str = "format_version";
 /// token they bring in: a fresh sled database counts its ids from zero.
 const TOKEN_FLOOR_KEY: &str = "token_floor";
 
+/// Largest token floor a database may hold (2^63): imports accept tokens
+/// up to 2^62, and a compaction's floor is the old database's next token.
+pub(crate) const MAX_TOKEN_FLOOR: u64 = 1 << 63;
+
 pub(crate) fn meta_tree(db: &sled::Db) -> Result<sled::Tree> {
     db.open_tree(META_TREE)
         .map_err(Error::storage("opening the metadata tree"))
@@ -252,6 +256,11 @@ pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
         }
     }
     let token_floor = token_floor(&meta).map_err(|e| not_a_db(e.to_string()))?;
+    if token_floor > MAX_TOKEN_FLOOR {
+        return Err(not_a_db(format!(
+            "the token floor {token_floor} leaves fencing tokens no room to grow"
+        )));
+    }
     let mut names = vec![DEFAULT_NAMESPACE.to_owned()];
     for name in db.tree_names() {
         if let Some(ns) = name.strip_prefix(NAMESPACE_TREE_PREFIX.as_bytes())

@@ -32,7 +32,7 @@ mod transfer;
 #[cfg(feature = "admin")]
 pub use compact::{CompactStep, Compacted, compact, compaction_dir, require_database};
 #[cfg(feature = "admin")]
-pub use transfer::{EXPORT_SCHEMA, Exported, ImportReport, OnConflict};
+pub use transfer::{EXPORT_SCHEMA, Exported, ImportReport, MAX_IMPORTED_TOKEN, OnConflict};
 
 /// Called with the number of records walked so far (every few thousand
 /// records, and at the end).
@@ -185,6 +185,8 @@ pub struct CompactReport {
     pub records: u64,
     /// Records left behind because a sweep would remove them.
     pub dropped: u64,
+    /// Values that do not decode, copied unchanged (`verify` names them).
+    pub corrupt: u64,
     /// Namespaces created in the new database.
     pub namespaces: u64,
     /// The new database's token floor: every token it hands out is larger.
@@ -457,7 +459,9 @@ impl Admin<'_> {
     /// every token of this one (released and swept records included).
     ///
     /// This store keeps running meanwhile; writes that land during the
-    /// copy may or may not be in the new database. The command-line tool's
+    /// copy may or may not be in the new database, and the floor is raised
+    /// once more after the copy, above their tokens too. Values that do
+    /// not decode are copied unchanged. The command-line tool's
     /// `compact` runs it on a database no worker holds, then swaps the new
     /// database in.
     pub async fn compact_into(&self, dest: &Path) -> Result<CompactReport> {
@@ -495,12 +499,15 @@ impl Admin<'_> {
                 for entry in from.iter() {
                     let (key, value) = entry.map_err(Error::storage("reading records"))?;
                     ticker.tick();
-                    let keep = Record::decode(&value)
-                        .map(|r| !machine::sweepable(&r, now, rules))
-                        .map_err(|e| Error::Corrupt {
-                            key: display_key(&key),
-                            reason: e.to_string(),
-                        })?;
+                    // A value that does not decode is copied as it is:
+                    // nothing stored is lost, and `verify` still names it.
+                    let keep = match Record::decode(&value) {
+                        Ok(r) => !machine::sweepable(&r, now, rules),
+                        Err(_) => {
+                            report.corrupt += 1;
+                            true
+                        }
+                    };
                     if !keep {
                         report.dropped += 1;
                         continue;
@@ -517,6 +524,11 @@ impl Admin<'_> {
                 }
             }
             ticker.report();
+            // Records claimed while the copy ran carry tokens above the
+            // first floor: raise it above every token handed out so far.
+            let floor = next_token(open)?;
+            set_token_floor(&meta_tree(&new.db)?, floor)?;
+            report.token_floor = floor;
             sync("making the new database durable")?;
             drop(new);
             wait_for_lock_release(&dest);
@@ -548,6 +560,9 @@ fn broken_invariant(record: &Record, next_token: u64) -> Option<String> {
     }
     if record.state == State::Pending && record.attempts == 0 {
         return Some("a pending claim with no attempts".into());
+    }
+    if record.ttl_ms == 0 {
+        return Some("a ttl of 0 ms (a claim's ttl is at least 1 ms)".into());
     }
     if record.token >= next_token {
         return Some(format!(

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{CompactReport, OnProgress, dir_size};
+use crate::config::Builder;
 use crate::error::{Error, Result};
 use crate::sled::open::wait_for_lock_release;
-use crate::store::SledIdempotencyStore;
 
 /// The steps of [`compact`], reported in this order as each is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,30 +77,39 @@ pub fn require_database(path: &Path) -> Result<()> {
 }
 
 /// Rewrites every record a sweep would keep into a fresh database and
-/// swaps it in for the one at `path`, which no other process may hold
-/// ([`Error::Locked`] otherwise). The new database's token floor is set
-/// above every token the old one handed out (see
-/// [`Admin::compact_into`](super::Admin::compact_into)). `progress` counts
-/// records read; `on_step` is called as each [`CompactStep`] is reached.
+/// swaps it in for the database `builder` names, which no other process
+/// may hold ([`Error::Locked`] otherwise). The builder's retention
+/// settings decide what a sweep would keep: give it the worker's. The new
+/// database's token floor is set above every token the old one handed out
+/// (see [`Admin::compact_into`](super::Admin::compact_into)). `progress`
+/// counts records read; `on_step` is called as each [`CompactStep`] is
+/// reached.
 ///
 /// Crash-safe: a kill at any step leaves the old or the new database whole
-/// at `path` (`tests/cli.rs` kills the command-line tool at each step).
+/// at the path (`tests/cli.rs` kills the command-line tool at each step).
+/// A symbolic link is followed: the directory it points to is compacted.
 /// Needs a file system that can exchange two directories atomically
-/// (ext4, XFS, Btrfs, tmpfs do).
+/// (ext4, XFS, Btrfs, tmpfs do), and a database directory that is not a
+/// mount point itself (put the database in a directory of the volume).
 pub async fn compact(
-    path: impl AsRef<Path>,
+    builder: Builder,
     progress: Option<OnProgress>,
     mut on_step: impl FnMut(CompactStep),
 ) -> Result<Compacted> {
-    let path = path.as_ref();
-    require_database(path)?;
-    let aside = compaction_dir(path)?;
-    remove_leftover(&aside)?;
-    let store = SledIdempotencyStore::builder(path)
+    let given = builder.path.clone();
+    let (path, aside) = super::blocking(move || {
+        require_database(&given)?;
+        let path = std::fs::canonicalize(&given).map_err(Error::io("finding the database"))?;
+        let aside = compaction_dir(&path)?;
+        remove_leftover(&aside)?;
+        Ok((path, aside))
+    })
+    .await?;
+    let mut builder = builder
         // Nothing else writes while the copy runs.
-        .sweep_interval(Duration::from_secs(365 * 24 * 3600))
-        .open()
-        .await?;
+        .sweep_interval(Duration::from_secs(365 * 24 * 3600));
+    builder.path = path.clone();
+    let store = builder.open().await?;
     let bytes_before = store.admin().size_on_disk().await?;
     on_step(CompactStep::Opened);
     let mut admin = store.admin();
@@ -114,8 +123,16 @@ pub async fn compact(
     };
     on_step(CompactStep::Copied);
     let swapped = {
-        let (path, aside) = (path.to_path_buf(), aside.clone());
-        super::blocking(move || exchange(&path, &aside)).await
+        let (path, aside) = (path.clone(), aside.clone());
+        super::blocking(move || match exchange(&path, &aside) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The new database is not in use: leave nothing beside.
+                let _ = std::fs::remove_dir_all(&aside);
+                Err(e)
+            }
+        })
+        .await
     };
     if let Err(e) = swapped {
         let _ = store.close().await;
@@ -138,10 +155,7 @@ pub async fn compact(
     }
     removed?;
     on_step(CompactStep::Removed);
-    let bytes_after = {
-        let path = path.to_path_buf();
-        super::blocking(move || dir_size(&path)).await?
-    };
+    let bytes_after = super::blocking(move || dir_size(&path)).await?;
     Ok(Compacted {
         report,
         bytes_before,

@@ -41,6 +41,10 @@ use crate::store::{SledIdempotencyStore, blocking};
 /// [`Admin::export`]).
 pub const EXPORT_SCHEMA: u32 = 1;
 
+/// Largest token an import accepts (2^62): the database's tokens continue
+/// above the largest imported one and must not run out of room.
+pub const MAX_IMPORTED_TOKEN: u64 = 1 << 62;
+
 /// What an import does with a record whose key already holds a different
 /// record. A stored record identical to the imported one is never a
 /// conflict.
@@ -168,7 +172,9 @@ impl Line {
             fingerprint: bytes("fingerprint", self.fingerprint, MAX_FINGERPRINT_LEN)?,
             result: bytes("result", self.result, MAX_RESULT_LIMIT)?,
         };
-        if let Some(reason) = broken_invariant(&record, u64::MAX) {
+        // Tokens after an import start above the largest imported one:
+        // leave them room to grow.
+        if let Some(reason) = broken_invariant(&record, MAX_IMPORTED_TOKEN + 1) {
             return Err(reason);
         }
         Ok((self.namespace, *id.as_bytes(), record))
@@ -179,8 +185,16 @@ impl Line {
 struct Incoming {
     line: u64,
     key: [u8; 16],
+    record: Record,
     value: Vec<u8>,
-    pending: bool,
+}
+
+impl Incoming {
+    /// Whether `stored` holds this very record (in any record version). A
+    /// value that does not decode never does.
+    fn same_as(&self, stored: &[u8]) -> bool {
+        Record::decode(stored).is_ok_and(|r| r == self.record)
+    }
 }
 
 /// Every line of an import, checked, by namespace.
@@ -219,7 +233,7 @@ fn parse(from: impl Read) -> Result<Parsed> {
             line,
             key,
             value: record.encode(),
-            pending: record.state == State::Pending,
+            record,
         };
         match spaces.iter_mut().find(|(name, _)| *name == namespace) {
             Some((_, records)) => records.push(incoming),
@@ -281,97 +295,96 @@ impl Admin<'_> {
     /// Every line is read and checked first: a line that is not a valid
     /// record ([`Error::ImportLine`], naming the line), or with
     /// [`OnConflict::Fail`] a key that holds a different record
-    /// ([`Error::ImportConflict`]), fails the import with nothing written.
-    /// The token floor is then raised above every imported token, durably,
-    /// before any record is written, and the records are made durable
-    /// (flush and fdatasync) before this returns. Re-running an import
-    /// that was cut short writes only what is missing (identical records
-    /// are not conflicts).
+    /// ([`Error::ImportConflict`]), fails the import with nothing written,
+    /// not even a namespace. The token floor is then raised above every
+    /// imported token, durably, before any record is written, and the
+    /// records are made durable (flush and fdatasync) before this returns.
+    /// Re-running an import that was cut short writes only what is missing:
+    /// a stored record equal to the imported one is not a conflict,
+    /// whichever record version stores it.
+    ///
+    /// With [`OnConflict::Fail`], a worker that writes a different record
+    /// to an imported key while the import runs stops it there with
+    /// [`Error::ImportConflict`]; what was written before stays (a re-run
+    /// with `Keep` or `Replace` finishes it).
     pub async fn import<R: Read + Send + 'static>(
         &self,
         from: R,
         on_conflict: OnConflict,
     ) -> Result<ImportReport> {
         let Parsed {
-            spaces,
+            mut spaces,
             lines,
             max_token,
         } = blocking(move || parse(from)).await?;
+        // Only namespaces that exist can hold conflicting records; the
+        // others are created once the import is known to go ahead.
+        let known = self.store.namespaces();
+        let mut existing: Vec<Option<SledIdempotencyStore>> = Vec::with_capacity(spaces.len());
+        for (name, _) in &spaces {
+            existing.push(match known.contains(name) {
+                true => Some(self.store.namespace(name).await?),
+                false => None,
+            });
+        }
+        if on_conflict == OnConflict::Fail {
+            let guard = self.store.inner.state.clone().read_owned().await;
+            let checking = (spaces, existing);
+            (spaces, existing) = blocking(move || {
+                let open = guard.as_ref().ok_or(Error::Closed)?;
+                let (mut first, mut conflicts) = (None, 0);
+                for ((_, records), handle) in checking.0.iter().zip(&checking.1) {
+                    let Some(handle) = handle else { continue };
+                    let tree = open.trees.get(handle.space.index).ok_or(Error::Closed)?;
+                    for r in records {
+                        let stored = tree
+                            .get(r.key)
+                            .map_err(Error::storage("reading a record"))?;
+                        if stored.is_some_and(|v| !r.same_as(&v)) {
+                            conflicts += 1;
+                            first.get_or_insert((
+                                r.line,
+                                handle.namespace_name().to_owned(),
+                                r.key,
+                            ));
+                        }
+                    }
+                }
+                match first {
+                    None => Ok(checking),
+                    Some((line, namespace, key)) => Err(Error::ImportConflict {
+                        line,
+                        namespace,
+                        key: display_key(&key),
+                        conflicts,
+                    }),
+                }
+            })
+            .await?;
+        }
         let mut handles = Vec::with_capacity(spaces.len());
-        for (name, records) in spaces {
-            handles.push((self.store.namespace(&name).await?, records));
+        for ((name, records), handle) in spaces.into_iter().zip(existing) {
+            let handle = match handle {
+                Some(handle) => handle,
+                None => self.store.namespace(&name).await?,
+            };
+            handles.push((handle, records));
         }
         let guard = self.store.inner.state.clone().read_owned().await;
         let mut ticker = Ticker::new(self.progress.clone(), 0);
         blocking(move || {
             let open = guard.as_ref().ok_or(Error::Closed)?;
             open.flusher.check()?;
-            let tree =
-                |h: &SledIdempotencyStore| open.trees.get(h.space.index).ok_or(Error::Closed);
-            let read = |tree: &sled::Tree, key: &[u8; 16]| {
-                tree.get(key).map_err(Error::storage("reading a record"))
-            };
-            if on_conflict == OnConflict::Fail {
-                let mut conflicts = Vec::new();
-                for (handle, records) in &handles {
-                    let tree = tree(handle)?;
-                    for r in records {
-                        if read(tree, &r.key)?.is_some_and(|v| *v != *r.value) {
-                            conflicts.push((handle.namespace_name().to_owned(), r));
-                        }
-                    }
-                }
-                if let Some((namespace, first)) = conflicts.first() {
-                    return Err(Error::ImportConflict {
-                        line: first.line,
-                        namespace: namespace.clone(),
-                        key: display_key(&first.key),
-                        conflicts: conflicts.len() as u64,
-                    });
-                }
-            }
             Admin::raise_token_floor(open, max_token)?;
             let mut report = ImportReport {
                 lines,
                 ..ImportReport::default()
             };
             for (handle, records) in &handles {
-                let tree = tree(handle)?;
+                let tree = open.trees.get(handle.space.index).ok_or(Error::Closed)?;
                 for r in records {
                     ticker.tick();
-                    let mut current = read(tree, &r.key)?;
-                    loop {
-                        let replacing = match current.as_deref() {
-                            Some(stored) if *stored == *r.value => {
-                                report.unchanged += 1;
-                                break;
-                            }
-                            Some(_) if on_conflict == OnConflict::Replace => true,
-                            Some(_) => {
-                                report.kept += 1;
-                                break;
-                            }
-                            None => false,
-                        };
-                        let new = Some(r.value.clone());
-                        match open.latch_on(cas(tree, &r.key, current.as_deref(), new))? {
-                            Ok(()) => {
-                                if replacing {
-                                    report.replaced += 1;
-                                } else {
-                                    report.written += 1;
-                                }
-                                if r.pending {
-                                    handle.space.pending.claimed(&r.key);
-                                } else {
-                                    handle.space.pending.ended(tree, &r.key);
-                                }
-                                break;
-                            }
-                            // A worker wrote the key meanwhile: decide again.
-                            Err(found) => current = found,
-                        }
-                    }
+                    write_one(open, tree, handle, r, on_conflict, &mut report)?;
                 }
             }
             ticker.report();
@@ -380,5 +393,61 @@ impl Admin<'_> {
             Ok(report)
         })
         .await
+    }
+}
+
+/// Writes one imported record as `on_conflict` says, counting what it did.
+fn write_one(
+    open: &crate::sled::Open,
+    tree: &sled::Tree,
+    handle: &SledIdempotencyStore,
+    r: &Incoming,
+    on_conflict: OnConflict,
+    report: &mut ImportReport,
+) -> Result<()> {
+    let mut current = tree
+        .get(r.key)
+        .map_err(Error::storage("reading a record"))?;
+    loop {
+        let replacing = match current.as_deref() {
+            Some(stored) if r.same_as(stored) => {
+                report.unchanged += 1;
+                return Ok(());
+            }
+            None => false,
+            Some(_) => match on_conflict {
+                OnConflict::Replace => true,
+                OnConflict::Keep => {
+                    report.kept += 1;
+                    return Ok(());
+                }
+                OnConflict::Fail => {
+                    return Err(Error::ImportConflict {
+                        line: r.line,
+                        namespace: handle.namespace_name().to_owned(),
+                        key: display_key(&r.key),
+                        conflicts: 1,
+                    });
+                }
+            },
+        };
+        let new = Some(r.value.clone());
+        match open.latch_on(cas(tree, &r.key, current.as_deref(), new))? {
+            Ok(()) => {
+                if replacing {
+                    report.replaced += 1;
+                } else {
+                    report.written += 1;
+                }
+                if r.record.state == State::Pending {
+                    handle.space.pending.claimed(&r.key);
+                } else {
+                    handle.space.pending.ended(tree, &r.key);
+                }
+                return Ok(());
+            }
+            // A worker wrote the key meanwhile: decide again.
+            Err(found) => current = found,
+        }
     }
 }
