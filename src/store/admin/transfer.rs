@@ -1,26 +1,5 @@
-//! Export and import as JSON Lines (feature `admin`).
-//!
-//! # Schema, version 1
-//!
-//! One JSON object per line, one line per record, fields in this order:
-//!
-//! | field | type | meaning |
-//! |---|---|---|
-//! | `schema` | number | this schema's version, [`EXPORT_SCHEMA`] (1) |
-//! | `format` | number | the database format version of the build that wrote the line ([`FORMAT_VERSION`]) |
-//! | `namespace` | string | the record's namespace |
-//! | `id` | string | the message id, a hyphenated UUID |
-//! | `state` | `"pending"` or `"done"` | [`State`] |
-//! | `expires_at` | number | unix milliseconds at which the record stops being live |
-//! | `token` | number | the fencing token of the claim that wrote it (0: a `mark_done` without a claim) |
-//! | `attempts` | number | claims of this key so far |
-//! | `ttl_ms` | number | the ttl the key was claimed with |
-//! | `fingerprint` | string or null | the payload fingerprint, lowercase hex |
-//! | `result` | string or null | the cached result, lowercase hex |
-//!
-//! An export lists namespaces one after the other and each one's records in
-//! key order, and leaves out records a sweep would remove. Exporting what
-//! an import wrote gives the same bytes.
+//! Export and import as JSON Lines (feature `admin`); the schema is
+//! documented on [`EXPORT_SCHEMA`].
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -37,8 +16,29 @@ use crate::sled::keyspace::{cas, display_key};
 use crate::sled::open::FORMAT_VERSION;
 use crate::store::{SledIdempotencyStore, blocking};
 
-/// Version of the export line schema (see the module documentation of
-/// [`Admin::export`]).
+/// Version of the export line schema, written in every line.
+///
+/// # Schema, version 1
+///
+/// One JSON object per line, one line per record, fields in this order:
+///
+/// | field | type | meaning |
+/// |---|---|---|
+/// | `schema` | number | this schema's version, [`EXPORT_SCHEMA`] (1) |
+/// | `format` | number | the database format version of the build that wrote the line ([`FORMAT_VERSION`]) |
+/// | `namespace` | string | the record's namespace |
+/// | `id` | string | the message id, a hyphenated UUID |
+/// | `state` | `"pending"` or `"done"` | [`State`] |
+/// | `expires_at` | number | unix milliseconds at which the record stops being live |
+/// | `token` | number | the fencing token of the claim that wrote it (0: a `mark_done` without a claim) |
+/// | `attempts` | number | claims of this key so far |
+/// | `ttl_ms` | number | the ttl the key was claimed with |
+/// | `fingerprint` | string or null | the payload fingerprint, lowercase hex |
+/// | `result` | string or null | the cached result, lowercase hex |
+///
+/// An export lists namespaces one after the other and each one's records in
+/// key order, and leaves out records a sweep would remove. Exporting what
+/// an import wrote gives the same bytes.
 pub const EXPORT_SCHEMA: u32 = 1;
 
 /// Largest token an import accepts (2^62): the database's tokens continue
@@ -248,8 +248,8 @@ fn parse(from: impl Read) -> Result<Parsed> {
 }
 
 impl Admin<'_> {
-    /// Writes the namespace's records to `out` as JSON Lines (schema in the
-    /// module documentation of this method's source, `EXPORT_SCHEMA`), in
+    /// Writes the namespace's records to `out` as JSON Lines (schema:
+    /// [`EXPORT_SCHEMA`]), in
     /// key order, leaving out records a sweep would remove. Values that do
     /// not decode are left out and named in [`Exported::corrupt`]. The walk
     /// and the writes run on a blocking thread.
