@@ -488,21 +488,17 @@ impl SledIdempotencyStore {
     /// live counts come from a scan of the namespace on a blocking thread:
     /// cost grows with its size.
     pub async fn stats(&self) -> Result<Stats> {
-        let now = self.inner.clock.now_millis();
-        let mut stats = self.space.counters.snapshot();
-        self.scan(move |open, tree| {
-            stats.flushes = open.flusher.flushes();
-            for entry in tree.iter() {
-                let (_, value) = entry.map_err(Error::storage("counting records"))?;
-                match Record::decode(&value) {
-                    Ok(r) if r.is_live(now) && r.state == State::Pending => stats.live_pending += 1,
-                    Ok(r) if r.is_live(now) => stats.live_done += 1,
-                    _ => {}
-                }
-            }
-            Ok(stats)
+        let census = self.admin().census().await?;
+        let flushes = {
+            let guard = self.inner.state.read().await;
+            guard.as_ref().ok_or(Error::Closed)?.flusher.flushes()
+        };
+        Ok(Stats {
+            live_pending: census.live_pending,
+            live_done: census.live_done,
+            flushes,
+            ..self.space.counters.snapshot()
         })
-        .await
     }
 
     /// Removes every forgotten record (an expired `Done`, or a `Pending`
@@ -511,6 +507,16 @@ impl SledIdempotencyStore {
     /// same code periodically. Removing a forgotten record never changes
     /// the outcome of any operation.
     pub async fn sweep_expired(&self) -> Result<SweepReport> {
+        self.sweep_all(None, true).await
+    }
+
+    /// Every namespace, batch by batch, reporting records examined to
+    /// `progress`; `paced` pauses between batches as the sweeper does.
+    async fn sweep_all(
+        &self,
+        progress: Option<&admin::OnProgress>,
+        paced: bool,
+    ) -> Result<SweepReport> {
         let mut total = SweepReport::default();
         let mut index = 0;
         while let Some(space) = self.inner.space_at(index) {
@@ -518,9 +524,14 @@ impl SledIdempotencyStore {
             loop {
                 let batch = self.inner.sweep_batch(space.clone(), cursor).await?;
                 total += batch.report;
+                if let Some(progress) = progress {
+                    progress(total.examined);
+                }
                 let Some(next) = batch.next else { break };
                 cursor = next;
-                sweeper::pace(batch.took).await;
+                if paced {
+                    sweeper::pace(batch.took).await;
+                }
             }
             index += 1;
         }

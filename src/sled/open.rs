@@ -302,10 +302,6 @@ pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
 /// directory in `created`.
 fn sync_directories(path: &Path, created: &[&Path]) -> Result<()> {
     let sync = |p: &Path| File::open(p).and_then(|f| f.sync_all());
-    let parent = |p: &Path| match p.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
     sync(&path.join("conf")).map_err(Error::io("syncing the database configuration file"))?;
     sync(&path.join("blobs")).map_err(Error::io("syncing the database's blobs directory"))?;
     sync(path).map_err(Error::io("syncing the database directory"))?;
@@ -314,6 +310,23 @@ fn sync_directories(path: &Path, created: &[&Path]) -> Result<()> {
         sync(&parent(dir)).map_err(Error::io("syncing the parent of a new directory"))?;
     }
     Ok(())
+}
+
+/// The directory that holds `path` (`.` for a bare name).
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// fsyncs the directory that holds `path`, so that a rename or removal of
+/// `path` survives a power cut.
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+pub(crate) fn sync_parent(path: &Path) -> Result<()> {
+    File::open(parent(path))
+        .and_then(|f| f.sync_all())
+        .map_err(Error::io("syncing the directory that holds the database"))
 }
 
 /// Stops the flusher after a final flush (unless latched), drops sled and

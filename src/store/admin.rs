@@ -23,7 +23,7 @@ use crate::sled::open::{
     FORMAT_VERSION, is_known_tree, meta_tree, namespace_tree, open_db, set_token_floor,
     token_floor, wait_for_lock_release,
 };
-use crate::sled::sweeper::{self, SweepReport};
+use crate::sled::sweeper::SweepReport;
 
 #[cfg(feature = "admin")]
 mod compact;
@@ -208,16 +208,11 @@ impl SledIdempotencyStore {
 struct Ticker {
     progress: Option<OnProgress>,
     seen: u64,
-    base: u64,
 }
 
 impl Ticker {
-    fn new(progress: Option<OnProgress>, base: u64) -> Self {
-        Self {
-            progress,
-            seen: 0,
-            base,
-        }
+    fn new(progress: Option<OnProgress>) -> Self {
+        Self { progress, seen: 0 }
     }
 
     fn tick(&mut self) {
@@ -229,7 +224,7 @@ impl Ticker {
 
     fn report(&self) {
         if let Some(progress) = &self.progress {
-            progress(self.base + self.seen);
+            progress(self.seen);
         }
     }
 }
@@ -259,7 +254,7 @@ impl Admin<'_> {
     pub async fn census(&self) -> Result<Census> {
         let now = self.store.inner.clock.now_millis();
         let rules = self.store.inner.retention;
-        let mut ticker = Ticker::new(self.progress.clone(), 0);
+        let mut ticker = Ticker::new(self.progress.clone());
         let namespace = self.store.namespace_name().to_owned();
         self.store
             .scan(move |_, tree| {
@@ -394,7 +389,7 @@ impl Admin<'_> {
             }
             // Every token handed out so far is below this one.
             let next = next_token(open)?;
-            let mut ticker = Ticker::new(progress, 0);
+            let mut ticker = Ticker::new(progress);
             for (index, name) in names.iter().enumerate() {
                 let tree = open.trees.get(index).ok_or(Error::Closed)?;
                 report.namespaces += 1;
@@ -430,25 +425,10 @@ impl Admin<'_> {
 
     /// Removes every forgotten record of every namespace now, in batches
     /// (the background sweeper's code), reporting progress in records
-    /// examined.
+    /// examined. Unlike [`SledIdempotencyStore::sweep_expired`] it does
+    /// not pause between batches: an operator asked for it.
     pub async fn sweep(&self) -> Result<SweepReport> {
-        let inner = &self.store.inner;
-        let mut total = SweepReport::default();
-        let mut index = 0;
-        while let Some(space) = inner.space_at(index) {
-            let mut cursor = sweeper::Cursor::default();
-            loop {
-                let batch = inner.sweep_batch(space.clone(), cursor).await?;
-                total += batch.report;
-                if let Some(progress) = &self.progress {
-                    progress(total.examined);
-                }
-                let Some(next) = batch.next else { break };
-                cursor = next;
-            }
-            index += 1;
-        }
-        Ok(total)
+        self.store.sweep_all(self.progress.as_ref(), false).await
     }
 
     /// Writes every record a sweep would keep, of every namespace, into a
@@ -488,7 +468,7 @@ impl Admin<'_> {
                 token_floor: floor,
                 ..CompactReport::default()
             };
-            let mut ticker = Ticker::new(progress, 0);
+            let mut ticker = Ticker::new(progress);
             for (index, name) in names.iter().enumerate() {
                 let from = open.trees.get(index).ok_or(Error::Closed)?;
                 let to = new

@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::{CompactReport, OnProgress, dir_size};
 use crate::config::Builder;
 use crate::error::{Error, Result};
-use crate::sled::open::wait_for_lock_release;
+use crate::sled::open::{sync_parent, wait_for_lock_release};
 
 /// The steps of [`compact`], reported in this order as each is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,14 +192,4 @@ fn exchange(path: &Path, aside: &Path) -> Result<()> {
         )
     })?;
     sync_parent(path)
-}
-
-fn sync_parent(path: &Path) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::File::open(&parent)
-        .and_then(|f| f.sync_all())
-        .map_err(Error::io("syncing the directory that holds the database"))
 }

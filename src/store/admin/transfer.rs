@@ -257,7 +257,7 @@ impl Admin<'_> {
         let now = self.store.inner.clock.now_millis();
         let rules = self.store.inner.retention;
         let namespace = self.store.namespace_name().to_owned();
-        let mut ticker = Ticker::new(self.progress.clone(), 0);
+        let mut ticker = Ticker::new(self.progress.clone());
         self.store
             .scan(move |_, tree| {
                 let failed = |e| Error::io("writing the export")(e);
@@ -371,7 +371,7 @@ impl Admin<'_> {
             handles.push((handle, records));
         }
         let guard = self.store.inner.state.clone().read_owned().await;
-        let mut ticker = Ticker::new(self.progress.clone(), 0);
+        let mut ticker = Ticker::new(self.progress.clone());
         blocking(move || {
             let open = guard.as_ref().ok_or(Error::Closed)?;
             open.flusher.check()?;
