@@ -130,7 +130,8 @@ async fn a_hung_flush_times_out_and_latches() -> Result<()> {
         "the wait is bounded"
     );
     assert_latched(&store).await?;
-    assert!(is_latched(&store.close().await));
+    let closed = store.close().await;
+    assert!(is_latched(&closed), "{closed:?}");
     Ok(())
 }
 

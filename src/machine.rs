@@ -123,10 +123,17 @@ impl Retention {
     /// is absent or its record is forgotten (an expired `Done`, or a
     /// `Pending` more than `pending_ms` past its expiry).
     pub fn remembered<'a>(&self, current: Option<&'a Record>, now: u64) -> Option<&'a Record> {
-        current.filter(|r| match r.state {
-            State::Done => r.is_live(now),
-            State::Pending => now < r.expires_at.saturating_add(self.pending_ms),
-        })
+        current.filter(|r| now < self.forgotten_at(r))
+    }
+
+    /// The first instant at which `record` is forgotten: its expiry for a
+    /// `Done`, its expiry plus `pending_ms` for a `Pending`. From then on
+    /// [`sweepable`] holds, until the record is written again.
+    pub fn forgotten_at(&self, record: &Record) -> u64 {
+        match record.state {
+            State::Done => record.expires_at,
+            State::Pending => record.expires_at.saturating_add(self.pending_ms),
+        }
     }
 
     fn done_record(&self, claimed: &Record, now: u64, result: Option<&[u8]>) -> Record {

@@ -99,6 +99,9 @@ pub(crate) struct Inner {
     durability: Durability,
     /// The format version the database had before this open.
     pub(crate) format_found: Option<u32>,
+    /// Does the expiry index cover every record? (`Expiries::complete`;
+    /// set by a full scan.)
+    indexed: Arc<AtomicBool>,
 }
 
 /// How a `close` ended, kept for every other `close` call.
@@ -177,7 +180,7 @@ impl SledIdempotencyStore {
             // is still being flushed and released on a background thread.
             wait_until_released(&b.path, b.durability_timeout + LOCK_RELEASE_WAIT);
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                open_db(&b.path, b.cache_capacity)
+                open_db(&b.path, b.cache_capacity, millis(b.pending_retention))
             }))
         };
         let opened = match tokio::runtime::Handle::current().runtime_flavor() {
@@ -200,9 +203,12 @@ impl SledIdempotencyStore {
             log,
             format_found,
             token_floor,
+            expiries,
         } = opened;
+        let expiries = Arc::new(expiries);
+        let indexed = expiries.completeness();
         let flusher = Flusher::start(
-            Syncer::new(db.clone(), log),
+            Syncer::new(db.clone(), log, expiries.clone()),
             b.durability,
             b.durability_timeout,
         )?;
@@ -221,6 +227,7 @@ impl SledIdempotencyStore {
                 trees,
                 flusher,
                 token_floor: AtomicU64::new(token_floor),
+                expiries,
             }))),
             spaces: Mutex::new(spaces),
             clock: b.clock,
@@ -241,6 +248,7 @@ impl SledIdempotencyStore {
             closed: watch::channel(None).0,
             format_found,
             durability: b.durability,
+            indexed,
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
         *lock(&inner.sweeper) = Some(task);
@@ -385,8 +393,12 @@ impl SledIdempotencyStore {
                     Step::Keep(out) => break out,
                     Step::Put(new, out) => {
                         let pending = new.state == State::Pending;
-                        let new = Some(new.encode());
-                        let swapped = open.latch_on(cas(tree, &key, current.as_deref(), new))?;
+                        let bytes = Some(new.encode());
+                        let swapped = open.latch_on(cas(tree, &key, current.as_deref(), bytes))?;
+                        if swapped.is_ok() {
+                            let forgotten_at = self.inner.retention.forgotten_at(&new);
+                            open.expiries.note(&self.space.name, key, forgotten_at);
+                        }
                         (swapped, out, pending)
                     }
                     Step::Remove(out) => match (current.as_deref(), &record) {
@@ -506,12 +518,32 @@ impl SledIdempotencyStore {
     /// batches, and reports what it did. The background sweeper runs the
     /// same code periodically. Removing a forgotten record never changes
     /// the outcome of any operation.
+    ///
+    /// Cost: it reads the expiry index entries that are due and the
+    /// records they name, so it grows with what it removes, not with the
+    /// size of the database (`examined` counts the index notes read).
+    /// After an open that did not follow a clean close (a crash, an older
+    /// format, a compaction), the first sweep also reads every record once
+    /// (the backstop that re-indexes what a crash left unindexed).
     pub async fn sweep_expired(&self) -> Result<SweepReport> {
-        self.sweep_all(None, true).await
+        let mut total = SweepReport::default();
+        if !self.inner.indexed.load(Ordering::SeqCst) {
+            total += self.sweep_all(None, true).await?;
+        }
+        loop {
+            let batch = self.inner.due_batch().await?;
+            total += batch.report;
+            if batch.next.is_none() {
+                return Ok(total);
+            }
+            sweeper::pace(batch.took).await;
+        }
     }
 
-    /// Every namespace, batch by batch, reporting records examined to
-    /// `progress`; `paced` pauses between batches as the sweeper does.
+    /// Reads every record of every namespace, batch by batch, removing the
+    /// forgotten ones and, while the expiry index is incomplete, noting the
+    /// rest in it; reports records examined to `progress`; `paced` pauses
+    /// between batches as the sweeper does.
     async fn sweep_all(
         &self,
         progress: Option<&admin::OnProgress>,
@@ -535,6 +567,7 @@ impl SledIdempotencyStore {
             }
             index += 1;
         }
+        self.inner.indexed.store(true, Ordering::SeqCst);
         Ok(total)
     }
 
@@ -682,12 +715,13 @@ impl Inner {
         space: Arc<Space>,
         mut cursor: sweeper::Cursor,
     ) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
-        let (state, clock) = (self.state.clone(), self.clock.clone());
-        let (rules, size, removed_tokens) = (
-            self.retention,
-            self.sweep_batch,
-            self.removed_tokens.clone(),
-        );
+        let SweepTools {
+            state,
+            clock,
+            rules,
+            size,
+            removed_tokens,
+        } = self.sweep_tools();
         async move {
             let guard = state.read_owned().await;
             blocking(move || {
@@ -711,8 +745,20 @@ impl Inner {
                     }
                 }
                 let now = clock.now_millis();
-                let scan =
-                    sweeper::scan(tree, &cursor.from, cursor.end.as_deref(), size, now, rules)?;
+                // The backstop: while the index is incomplete, note every
+                // record the scan keeps.
+                let renote = !open.expiries.complete();
+                let mut kept = |key: &[u8], record: &Record| {
+                    if renote && let Ok(key) = <[u8; 16]>::try_from(key) {
+                        let forgotten_at = rules.forgotten_at(record);
+                        open.expiries.note(&space.name, key, forgotten_at);
+                    }
+                };
+                let (from, end) = (&cursor.from, cursor.end.as_deref());
+                let scan = sweeper::scan(tree, from, end, size, now, rules, &mut kept)?;
+                if renote {
+                    open.latch_on(open.expiries.write())?;
+                }
                 let mut report = scan.report;
                 report.removed = open.latch_on(sweeper::remove_unchanged(
                     tree,
@@ -737,6 +783,74 @@ impl Inner {
     }
 }
 
+/// What a sweep batch takes along to its blocking thread instead of the
+/// store.
+struct SweepTools {
+    state: Arc<RwLock<Option<Open>>>,
+    clock: Arc<dyn Clock>,
+    rules: Retention,
+    size: usize,
+    removed_tokens: Arc<AtomicU64>,
+}
+
+impl Inner {
+    fn sweep_tools(&self) -> SweepTools {
+        SweepTools {
+            state: self.state.clone(),
+            clock: self.clock.clone(),
+            rules: self.retention,
+            size: self.sweep_batch,
+            removed_tokens: self.removed_tokens.clone(),
+        }
+    }
+
+    /// One batch of a sweep of the due expiry index entries, as a future
+    /// that holds no reference to the store. Its `next` is `Some` while more
+    /// entries are due. Runs on a blocking thread.
+    pub(crate) fn due_batch(
+        &self,
+    ) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
+        let SweepTools {
+            state,
+            clock,
+            rules,
+            size,
+            removed_tokens,
+        } = self.sweep_tools();
+        let spaces = lock(&self.spaces).clone();
+        async move {
+            let guard = state.read_owned().await;
+            blocking(move || {
+                let started = Instant::now();
+                let open = guard.as_ref().ok_or(Error::Closed)?;
+                open.flusher.check()?;
+                let find = |name: &str| spaces.iter().find(|s| *s.name == *name);
+                let tree = |space: &Space| open.trees.get(space.index);
+                let by_name = |name: &str| find(name).and_then(|s| tree(s)).cloned();
+                let now = clock.now_millis();
+                let due = open
+                    .expiries
+                    .sweep_due(&by_name, now, rules, size, &removed_tokens);
+                let due = open.latch_on(due)?;
+                for (name, key) in &due.removed {
+                    if let Some(space) = find(name)
+                        && let Some(tree) = tree(space)
+                    {
+                        space.pending.ended(tree, key);
+                        space.counters.add(Count::Swept, 1);
+                    }
+                }
+                Ok(sweeper::Batch {
+                    report: due.report,
+                    next: due.more.then(sweeper::Cursor::default),
+                    took: started.elapsed(),
+                })
+            })
+            .await
+        }
+    }
+}
+
 impl sweeper::Sweep for Inner {
     fn batch(
         &self,
@@ -745,6 +859,18 @@ impl sweeper::Sweep for Inner {
     ) -> Option<impl Future<Output = Result<sweeper::Batch>> + Send + 'static> {
         let space = self.space_at(index)?;
         Some(self.sweep_batch(space, cursor))
+    }
+
+    fn due(&self) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
+        self.due_batch()
+    }
+
+    fn indexed(&self) -> bool {
+        self.indexed.load(Ordering::SeqCst)
+    }
+
+    fn scanned(&self) {
+        self.indexed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -805,6 +931,8 @@ impl Engine for SledIdempotencyStore {
             // removal first raises `removed_tokens`, so a claim that landed
             // on an absent key and sees a larger removed token re-stamps its
             // record with a fresh token while it holds it.
+            // A restamp changes the token, not the time it is forgotten.
+            let forgotten_at = rules.forgotten_at(&record);
             let Some(token) = self.restamp(open, tree, &bytes, current.is_none(), record)? else {
                 current = tree
                     .get(bytes)
@@ -812,6 +940,7 @@ impl Engine for SledIdempotencyStore {
                 continue; // expired and taken over while re-stamping: start again
             };
             self.space.pending.claimed(&bytes);
+            open.expiries.note(&self.space.name, bytes, forgotten_at);
             open.flusher.write_completed().await?;
             return Ok(Acquired::Lease {
                 token,

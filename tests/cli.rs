@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{TestResult, id};
+use common::{TestResult, copy_dir, id};
 use serde_json::Value;
 use sled_idempotency::{ClaimResult, ManualClock, SledIdempotencyStore};
 
@@ -144,7 +144,7 @@ async fn read_only_commands_answer_exactly_and_change_no_byte() -> TestResult {
     let stats = run(&["stats", arg(&db), "--json"]);
     assert_eq!(code(&stats), 0, "{}", stderr(&stats));
     let stats = json(&stats);
-    assert_eq!(stats["format_version"], 2);
+    assert_eq!(stats["format_version"], 3);
     assert!(stats["size_on_disk"].as_u64().unwrap_or(0) > 0);
     let default = &stats["namespaces"][0];
     assert_eq!(default["namespace"], "default");
@@ -577,20 +577,6 @@ async fn compact_gives_space_back_and_keeps_fencing() -> TestResult {
     assert_eq!(run(&["export", arg(&db)]).stdout, live);
     let text = run(&["compact", arg(&db)]);
     assert!(stdout(&text).contains("records kept"), "{}", stdout(&text));
-    Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
     Ok(())
 }
 

@@ -32,11 +32,14 @@ use tokio::sync::watch;
 use crate::config::Durability;
 use crate::error::{Error, Result};
 
+use super::expiry::Expiries;
+
 /// Flushes sled and, for `sync`, fdatasyncs its log file.
 #[derive(Debug)]
 pub(crate) struct Syncer {
     db: sled::Db,
     log: File,
+    expiries: Arc<Expiries>,
     flushes: AtomicU64,
     /// Fault seam: faults injected into the next flush.
     #[cfg(any(test, feature = "fault-injection"))]
@@ -57,17 +60,19 @@ pub(crate) enum Fault {
 }
 
 impl Syncer {
-    pub(crate) fn new(db: sled::Db, log: File) -> Self {
+    pub(crate) fn new(db: sled::Db, log: File, expiries: Arc<Expiries>) -> Self {
         Self {
             db,
             log,
+            expiries,
             flushes: AtomicU64::new(0),
             #[cfg(any(test, feature = "fault-injection"))]
             faults: Mutex::new(Vec::new()),
         }
     }
 
-    /// One flush of everything written so far.
+    /// One flush of everything written so far, the expiry notes gathered
+    /// so far first.
     pub(crate) fn flush(&self, fdatasync: bool) -> Result<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         #[cfg(any(test, feature = "fault-injection"))]
@@ -84,6 +89,7 @@ impl Syncer {
                 None => {}
             }
         }
+        self.expiries.write()?;
         self.db
             .flush()
             .map_err(Error::storage("flushing the database"))?;

@@ -2,20 +2,24 @@
 //! recovers and finally releases a database; `keyspace` holds the only code
 //! that writes a record (compare-and-swap, removal under the fencing
 //! watermark, tokens); `flusher` makes writes durable and latches after an
-//! I/O failure; `sweeper` removes forgotten records in the background.
+//! I/O failure; `expiry` indexes records by the time they are forgotten;
+//! `sweeper` removes forgotten records in the background.
 //!
 //! Nothing here knows the public API: the store drives it, and nothing in
 //! this folder imports the store.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use crate::error::Result;
 
+pub(crate) mod expiry;
 pub(crate) mod flusher;
 pub(crate) mod keyspace;
 pub(crate) mod open;
 pub(crate) mod sweeper;
 
+use expiry::Expiries;
 use flusher::Flusher;
 
 /// An open database: sled, one tree per namespace (in the order of the
@@ -28,6 +32,8 @@ pub(crate) struct Open {
     /// Added to sled's ids to make fencing tokens; raised (never lowered)
     /// by `import`, recorded in the metadata tree.
     pub(crate) token_floor: AtomicU64,
+    /// The expiry index; every flush writes its notes first.
+    pub(crate) expiries: Arc<Expiries>,
 }
 
 impl Open {

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::namespace::{DEFAULT_NAMESPACE, validate_namespace};
 
 use super::Open;
+use super::expiry::Expiries;
 
 /// Version of the database layout (trees, key and value encoding). Recorded
 /// in the metadata tree; a database with a higher number is refused, one
@@ -20,7 +21,8 @@ use super::Open;
 ///
 /// - 1: one records tree, record version 1.
 /// - 2: namespaces (one tree each), record version 2 (fingerprint, result).
-pub const FORMAT_VERSION: u32 = 2;
+/// - 3: the expiry index (a build that does not maintain it must not write).
+pub const FORMAT_VERSION: u32 = 3;
 
 const META_TREE: &str = "sled-idempotency/meta";
 const DEFAULT_TREE: &str = "sled-idempotency/records";
@@ -45,6 +47,7 @@ pub(crate) fn meta_tree(db: &sled::Db) -> Result<sled::Tree> {
 /// a database is a sign of damage or of another program's data.
 pub(crate) fn is_known_tree(name: &[u8]) -> bool {
     name == META_TREE.as_bytes()
+        || name == super::expiry::INDEX_TREE.as_bytes()
         || name == DEFAULT_TREE.as_bytes()
         || name == b"__sled__default"
         || name
@@ -162,9 +165,12 @@ pub(crate) struct Opened {
     /// new database).
     pub(crate) format_found: Option<u32>,
     pub(crate) token_floor: u64,
+    pub(crate) expiries: Expiries,
 }
 
-pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
+/// Opens (or creates) the database at `path`. `pending_ms`: the pending
+/// retention this open forgets pending records by (see `Expiries::open`).
+pub(crate) fn open_db(path: &Path, cache_capacity: u64, pending_ms: u64) -> Result<Opened> {
     let not_a_db = |reason: String| Error::NotADatabase {
         path: path.to_path_buf(),
         reason,
@@ -284,6 +290,9 @@ pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
     // durable before any token leaves the store.
     db.generate_id()
         .map_err(Error::storage("persisting the fencing-token counter"))?;
+    // Takes the expiry index's complete marker out; the flush below makes
+    // that durable before any write of this open.
+    let expiries = Expiries::open(&db, &meta, pending_ms, found.is_none())?;
     let log = File::open(path.join("db")).map_err(Error::io("opening the log for fdatasync"))?;
     db.flush().map_err(Error::storage("flushing after open"))?;
     log.sync_data().map_err(Error::io("fdatasync after open"))?;
@@ -294,6 +303,7 @@ pub(crate) fn open_db(path: &Path, cache_capacity: u64) -> Result<Opened> {
         log,
         format_found: found,
         token_floor,
+        expiries,
     })
 }
 
@@ -335,6 +345,12 @@ pub(crate) fn sync_parent(path: &Path) -> Result<()> {
 /// failing disk: that panic is caught here, and the failure that latched the
 /// store is what the caller sees.
 pub(crate) fn release(mut open: Open, path: &Path) -> Result<()> {
+    // No writer is left: the last notes, then the marker, then the flush.
+    // A failure latches the store, and the shutdown below reports it.
+    if open.flusher.check().is_ok() {
+        let sealed = open.expiries.seal(|| open.flusher.sync_blocking());
+        let _ = open.latch_on(sealed);
+    }
     let flushed = open.flusher.shutdown();
     let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(open)));
     wait_for_lock_release(path);

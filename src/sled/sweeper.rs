@@ -3,18 +3,16 @@
 //! Correctness never depends on it: it removes only records that every
 //! operation already treats as absent (`machine::sweepable`), so whether or
 //! not it ran never changes an outcome. It only keeps the database from
-//! growing without bound. It scans the keyspace in bounded batches on a
-//! blocking thread, pauses between them, stops at the last key present when
-//! it began, and removes a record only with a compare-and-swap on the exact
-//! bytes it inspected, so a key re-claimed between the read and the removal
-//! is left alone. It holds a `Weak` to the store, upgraded for the moment it
-//! takes to start each batch and never held across an await.
-//!
-//! Cost: one sweep reads every record (it is a scan, not an index lookup).
-//! An expiry index would make a sweep proportional to what it removes, but
-//! it costs a second sled insert on every claim (SPEC §3 measured a plain
-//! insert at ≈ 125–180 k/s and two separate inserts at ≈ 36 k/s). The claim
-//! path is the product; the scan runs off it, in batches.
+//! growing without bound. Each period it reads the expiry index entries
+//! that are due (`expiry`), so its cost grows with what it removes; after
+//! an open that did not follow a clean close it first scans the keyspace
+//! once (the backstop that completes the index). Both work in bounded
+//! batches on a blocking thread and pause between them; a scan stops at
+//! the last key present when it began. A record is removed only with a
+//! compare-and-swap on the exact bytes inspected, so a key re-claimed
+//! between the read and the removal is left alone. The task holds a `Weak`
+//! to the store, upgraded for the moment it takes to start each batch and
+//! never held across an await.
 
 use std::ops::AddAssign;
 use std::sync::Weak;
@@ -43,6 +41,16 @@ pub(crate) trait Sweep: Send + Sync + 'static {
         index: usize,
         cursor: Cursor,
     ) -> Option<impl Future<Output = Result<Batch>> + Send + 'static>;
+
+    /// The next batch of due expiry index entries; its `next` is `Some`
+    /// while more are due.
+    fn due(&self) -> impl Future<Output = Result<Batch>> + Send + 'static;
+
+    /// Does the expiry index cover every record?
+    fn indexed(&self) -> bool;
+
+    /// A full scan of every namespace has finished.
+    fn scanned(&self);
 }
 
 /// What one sweep did.
@@ -96,25 +104,30 @@ pub(crate) fn spawn<S: Sweep>(
                 _ = stop.changed() => return,
             }
             let mut total = SweepReport::default();
-            let (mut index, mut cursor) = (0, Cursor::default());
+            let Some(indexed) = store.upgrade().map(|inner| inner.indexed()) else {
+                return;
+            };
+            if !indexed {
+                match scan_all(&store, &stop, &mut total).await {
+                    Step::Done => {}
+                    Step::Stop => return,
+                    Step::Retry => continue,
+                }
+            }
             loop {
                 if *stop.borrow() {
                     return;
                 }
-                let batch = {
-                    let Some(inner) = store.upgrade() else { return };
-                    let Some(batch) = inner.batch(index, std::mem::take(&mut cursor)) else {
-                        break; // every namespace swept
-                    };
-                    batch
+                let batch = match store.upgrade() {
+                    Some(inner) => inner.due(),
+                    None => return,
                 };
                 match batch.await {
                     Ok(batch) => {
                         pace(batch.took).await;
                         total += batch.report;
-                        match batch.next {
-                            Some(next) => cursor = next,
-                            None => (index, cursor) = (index + 1, Cursor::default()),
+                        if batch.next.is_none() {
+                            break;
                         }
                     }
                     Err(Error::Closed) => return,
@@ -132,6 +145,56 @@ pub(crate) fn spawn<S: Sweep>(
             );
         }
     })
+}
+
+/// How a full scan ended.
+enum Step {
+    /// Every namespace scanned.
+    Done,
+    /// The store is closed or dropped.
+    Stop,
+    /// A batch failed; try again next period.
+    Retry,
+}
+
+/// The backstop: scans every namespace once, batch by batch, then tells the
+/// store the scan is complete.
+async fn scan_all<S: Sweep>(
+    store: &Weak<S>,
+    stop: &watch::Receiver<bool>,
+    total: &mut SweepReport,
+) -> Step {
+    let (mut index, mut cursor) = (0, Cursor::default());
+    loop {
+        if *stop.borrow() {
+            return Step::Stop;
+        }
+        let batch = {
+            let Some(inner) = store.upgrade() else {
+                return Step::Stop;
+            };
+            let Some(batch) = inner.batch(index, std::mem::take(&mut cursor)) else {
+                inner.scanned(); // every namespace swept
+                return Step::Done;
+            };
+            batch
+        };
+        match batch.await {
+            Ok(batch) => {
+                pace(batch.took).await;
+                *total += batch.report;
+                match batch.next {
+                    Some(next) => cursor = next,
+                    None => (index, cursor) = (index + 1, Cursor::default()),
+                }
+            }
+            Err(Error::Closed) => return Step::Stop,
+            Err(e) => {
+                tracing::warn!(error = %e, "expiry scan stopped early; retrying next period");
+                return Step::Retry;
+            }
+        }
+    }
 }
 
 /// What one batch did, where the sweep of its namespace goes on (`None`:
@@ -163,7 +226,8 @@ pub(crate) struct Cursor {
 }
 
 /// Reads up to `batch` records from `cursor` on (up to `end`, inclusive,
-/// when given) and picks the forgotten ones.
+/// when given) and picks the forgotten ones; hands every other readable
+/// record to `kept`.
 pub(crate) fn scan(
     tree: &sled::Tree,
     cursor: &[u8],
@@ -171,6 +235,7 @@ pub(crate) fn scan(
     batch: usize,
     now: u64,
     rules: Retention,
+    kept: &mut dyn FnMut(&[u8], &Record),
 ) -> Result<Scan> {
     let mut report = SweepReport::default();
     let mut expired = Vec::new();
@@ -190,7 +255,7 @@ pub(crate) fn scan(
             Ok(record) if machine::sweepable(&record, now, rules) => {
                 expired.push((key.clone(), value, record.token));
             }
-            Ok(_) => {}
+            Ok(record) => kept(&key, &record),
         }
         last = Some(key);
     }
@@ -267,7 +332,7 @@ mod tests {
         tree.insert([4], record(State::Pending, 1_000, 4))
             .map_err(Error::storage("test"))?;
 
-        let scan = scan(&tree, &[], None, 10, 500, RULES)?;
+        let scan = scan(&tree, &[], None, 10, 500, RULES, &mut |_, _| {})?;
         assert_eq!(scan.report.examined, 4);
         assert_eq!(scan.expired.len(), 3, "keys 1, 2, 3 are expired, 4 is live");
         assert!(scan.next.is_none());
@@ -303,7 +368,7 @@ mod tests {
             tree.insert([k], record(State::Done, 100, 1))
                 .map_err(Error::storage("test"))?;
         }
-        let first = scan(&tree, &[], None, 2, 500, RULES)?;
+        let first = scan(&tree, &[], None, 2, 500, RULES, &mut |_, _| {})?;
         assert_eq!(first.next.as_deref(), Some(&[1u8, 0][..]));
         let second = scan(
             &tree,
@@ -312,6 +377,7 @@ mod tests {
             2,
             500,
             RULES,
+            &mut |_, _| {},
         )?;
         assert_eq!(
             second.expired.first().map(|(k, _, _)| k.to_vec()),
@@ -324,6 +390,7 @@ mod tests {
             2,
             500,
             RULES,
+            &mut |_, _| {},
         )?;
         assert_eq!(third.report.examined, 1);
         assert!(third.next.is_none());
@@ -344,7 +411,7 @@ mod tests {
             tree.insert([k], record(State::Done, 100, 1))
                 .map_err(Error::storage("test"))?;
         }
-        let scan = scan(&tree, &[], Some(&[4]), 3, 500, RULES)?;
+        let scan = scan(&tree, &[], Some(&[4]), 3, 500, RULES, &mut |_, _| {})?;
         assert_eq!(scan.report.examined, 3);
         let rest = super::scan(
             &tree,
@@ -353,10 +420,11 @@ mod tests {
             3,
             500,
             RULES,
+            &mut |_, _| {},
         )?;
         assert_eq!(rest.report.examined, 2, "keys 3 and 4, not beyond the end");
         assert!(rest.next.is_none());
-        let exact = super::scan(&tree, &[], Some(&[2]), 3, 500, RULES)?;
+        let exact = super::scan(&tree, &[], Some(&[2]), 3, 500, RULES, &mut |_, _| {})?;
         assert_eq!(exact.report.examined, 3);
         assert!(
             exact.next.is_none(),

@@ -455,7 +455,7 @@ impl Admin<'_> {
             let open = guard.as_ref().ok_or(Error::Closed)?;
             refuse_unless_empty(&dest)?;
             let floor = next_token(open)?;
-            let new = open_db(&dest, crate::DEFAULT_CACHE_CAPACITY)?;
+            let new = open_db(&dest, crate::DEFAULT_CACHE_CAPACITY, rules.pending_ms)?;
             let sync = |what: &'static str| -> Result<()> {
                 new.db.flush().map_err(Error::storage(what))?;
                 new.log.sync_data().map_err(Error::io(what))
@@ -476,13 +476,20 @@ impl Admin<'_> {
                     .open_tree(namespace_tree(name))
                     .map_err(Error::storage("creating a namespace in the new database"))?;
                 report.namespaces += 1;
+                let space: std::sync::Arc<str> = name.as_str().into();
                 for entry in from.iter() {
                     let (key, value) = entry.map_err(Error::storage("reading records"))?;
                     ticker.tick();
                     // A value that does not decode is copied as it is:
                     // nothing stored is lost, and `verify` still names it.
                     let keep = match Record::decode(&value) {
-                        Ok(r) => !machine::sweepable(&r, now, rules),
+                        Ok(r) => {
+                            let keep = !machine::sweepable(&r, now, rules);
+                            if keep && let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
+                                new.expiries.note(&space, key, rules.forgotten_at(&r));
+                            }
+                            keep
+                        }
                         Err(_) => {
                             report.corrupt += 1;
                             true
@@ -501,6 +508,9 @@ impl Admin<'_> {
                         });
                     }
                     report.records += 1;
+                    if report.records.is_multiple_of(65_536) {
+                        new.expiries.write()?; // bounded memory for the notes
+                    }
                 }
             }
             ticker.report();
@@ -509,6 +519,10 @@ impl Admin<'_> {
             let floor = next_token(open)?;
             set_token_floor(&meta_tree(&new.db)?, floor)?;
             report.token_floor = floor;
+            // Every copied record is noted: the new database opens with a
+            // complete expiry index.
+            new.expiries
+                .seal(|| sync("making the new database's expiry index durable"))?;
             sync("making the new database durable")?;
             drop(new);
             wait_for_lock_release(&dest);

@@ -67,3 +67,31 @@ pub async fn open_at(
 pub fn id(n: u128) -> MessageId {
     MessageId::from_uuid(uuid::Uuid::from_u128(n))
 }
+
+/// Does to a closed database what a crash can do to its expiry index: the
+/// notes of the last writes never reach the index, and no clean close
+/// leaves the marker that says the index is complete. The next open must
+/// fall back on its one full scan.
+pub fn forget_expiry_index(path: &Path) -> sled::Result<()> {
+    let db = sled::open(path)?;
+    db.drop_tree("sled-idempotency/expiry")?;
+    db.open_tree("sled-idempotency/meta")?
+        .remove("expiry_index_complete")?;
+    db.flush()?;
+    Ok(())
+}
+
+/// Copies a directory tree (a closed database, say).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}

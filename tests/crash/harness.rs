@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::{TestResult, id};
-use sled_idempotency::{ClaimResult, Durability, Record, SledIdempotencyStore, State};
+use crate::common::{TestResult, copy_dir, id};
+use sled_idempotency::{ClaimResult, Durability, ManualClock, Record, SledIdempotencyStore, State};
 
 /// Keys the workload draws from: large enough that a run does not exhaust
 /// them, small enough that tasks collide (a key abandoned by one task is
@@ -344,6 +344,9 @@ pub enum Problem {
     NotPrefix,
     /// The next token is not above every token seen before.
     Token,
+    /// A record is left after a sweep at a time when every record is
+    /// forgotten: the expiry index lost it.
+    Escaped,
     /// Reading, claiming or closing failed.
     Store,
 }
@@ -481,5 +484,55 @@ pub async fn verify(
         .close()
         .await
         .map_err(|e| failure(Problem::Store)(e.to_string()))?;
+    if let Err(e) = no_record_escapes(mode, path).await {
+        return Err(Failure { verified, ..e });
+    }
     Ok(verified)
+}
+
+/// Reopens a copy of the database a year ahead, when every record is
+/// forgotten, and sweeps once: every record must go. The open above
+/// followed a crash, so its first sweep read every record (the backstop)
+/// and its close wrote a complete index: this sweep finds records through
+/// the index alone. And the next crash run opens a database whose index
+/// was complete: its open must make the marker's removal durable before
+/// its writes, or the next verification would trust an index that misses
+/// them. (A copy, so that the next run meets the records of this one.)
+async fn no_record_escapes(mode: &str, original: &Path) -> Result<(), Failure> {
+    let copy = tempfile::tempdir()
+        .map_err(|e| failure(Problem::Store)(format!("a directory for the copy: {e}")))?;
+    let path = &copy.path().join("db");
+    copy_dir(original, path)
+        .map_err(|e| failure(Problem::Store)(format!("copying the database: {e}")))?;
+    let year = 365 * 24 * 3_600_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let store = SledIdempotencyStore::builder(path)
+        .durability(Durability::Sync)
+        .clock(ManualClock::new(now + year))
+        .open()
+        .await
+        .map_err(|e| failure(Problem::Store)(format!("reopening a year ahead: {e}")))?;
+    let swept = store
+        .sweep_expired()
+        .await
+        .map_err(|e| failure(Problem::Store)(e.to_string()))?;
+    let left = store
+        .admin()
+        .census()
+        .await
+        .map_err(|e| failure(Problem::Store)(e.to_string()))?;
+    store
+        .close()
+        .await
+        .map_err(|e| failure(Problem::Store)(e.to_string()))?;
+    let left = left.live_pending + left.live_done + left.expired + left.corrupt;
+    if left != 0 {
+        return Err(failure(Problem::Escaped)(format!(
+            "{mode}: {left} records left after a sweep a year ahead (it removed {})",
+            swept.removed
+        )));
+    }
+    Ok(())
 }

@@ -434,6 +434,8 @@ fn write_one(
         let new = Some(r.value.clone());
         match open.latch_on(cas(tree, &r.key, current.as_deref(), new))? {
             Ok(()) => {
+                let forgotten_at = handle.inner.retention.forgotten_at(&r.record);
+                open.expiries.note(&handle.space.name, r.key, forgotten_at);
                 if replacing {
                     report.replaced += 1;
                 } else {
