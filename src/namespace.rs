@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::pending::PendingIndex;
-use crate::stats::Counters;
+use crate::stats::{Counters, Stored};
 
 /// Name of the namespace that [`SledIdempotencyStore::open`] returns.
 ///
@@ -24,6 +24,8 @@ pub(crate) struct Space {
     pub(crate) name: Arc<str>,
     pub(crate) counters: Counters,
     pub(crate) pending: PendingIndex,
+    /// Records stored, by state.
+    pub(crate) stored: Stored,
 }
 
 impl Space {
@@ -33,6 +35,7 @@ impl Space {
             name: name.into(),
             counters: Counters::new(name, durability),
             pending: PendingIndex::default(),
+            stored: Stored::default(),
         })
     }
 }

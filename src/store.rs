@@ -22,6 +22,7 @@ use crate::machine::{self, Claim, Complete, Done, Holder, Release, Retention};
 use crate::namespace::{Space, validate_namespace};
 use crate::record::{Record, State};
 use crate::sled::Open;
+use crate::sled::expiry::Counts;
 use crate::sled::flusher::{Flusher, Syncer};
 use crate::sled::keyspace::{cas, decode_at, key_bytes, next_token, remove};
 use crate::sled::open::{
@@ -102,6 +103,10 @@ pub(crate) struct Inner {
     /// Does the expiry index cover every record? (`Expiries::complete`;
     /// set by a full scan.)
     indexed: Arc<AtomicBool>,
+    /// Are the namespaces' record counts exact (`Stats::records_exact`)?
+    records_exact: AtomicBool,
+    /// The record counts are unknown (a crash): the next full scan counts.
+    recount: AtomicBool,
 }
 
 /// How a `close` ended, kept for every other `close` call.
@@ -205,6 +210,8 @@ impl SledIdempotencyStore {
             token_floor,
             expiries,
         } = opened;
+        let mut expiries = expiries;
+        let counts = expiries.counts.take();
         let expiries = Arc::new(expiries);
         let indexed = expiries.completeness();
         let flusher = Flusher::start(
@@ -217,6 +224,12 @@ impl SledIdempotencyStore {
             .enumerate()
             .map(|(index, name)| Space::new(index, name, b.durability))
             .collect();
+        for (name, pending, done) in counts.iter().flat_map(|c| &c.spaces) {
+            if let Some(space) = spaces.iter().find(|s| *s.name == **name) {
+                space.stored.add(State::Pending, *pending);
+                space.stored.add(State::Done, *done);
+            }
+        }
         let default = spaces[0].clone();
         let (stop, stop_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
@@ -249,6 +262,8 @@ impl SledIdempotencyStore {
             format_found,
             durability: b.durability,
             indexed,
+            records_exact: AtomicBool::new(counts.as_ref().is_some_and(|c| c.exact)),
+            recount: AtomicBool::new(counts.is_none()),
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
         *lock(&inner.sweeper) = Some(task);
@@ -396,19 +411,22 @@ impl SledIdempotencyStore {
                         let bytes = Some(new.encode());
                         let swapped = open.latch_on(cas(tree, &key, current.as_deref(), bytes))?;
                         if swapped.is_ok() {
+                            let from = record.as_ref().map(|r| r.state);
+                            self.space.stored.moved(from, Some(new.state));
                             let forgotten_at = self.inner.retention.forgotten_at(&new);
-                            open.expiries.note(&self.space.name, key, forgotten_at);
+                            open.latch_on(open.expiries.note(&self.space.name, key, forgotten_at))?;
                         }
                         (swapped, out, pending)
                     }
                     Step::Remove(out) => match (current.as_deref(), &record) {
                         (Some(old), Some(r)) => {
                             let removed_tokens = &self.inner.removed_tokens;
-                            (
-                                open.latch_on(remove(tree, &key, old, r.token, removed_tokens))?,
-                                out,
-                                false,
-                            )
+                            let removed =
+                                open.latch_on(remove(tree, &key, old, r.token, removed_tokens))?;
+                            if removed.is_ok() {
+                                self.space.stored.moved(Some(r.state), None);
+                            }
+                            (removed, out, false)
                         }
                         _ => break out, // nothing stored: nothing to remove
                     },
@@ -496,18 +514,20 @@ impl SledIdempotencyStore {
         self.admin().list(&filter).await
     }
 
-    /// Counters of this namespace since open, and its live records now. The
-    /// live counts come from a scan of the namespace on a blocking thread:
-    /// cost grows with its size.
+    /// Counters of this namespace since open, and the records it stores
+    /// now, by state. Reads no record: the counts are kept by the writers
+    /// (see [`Stats::records_exact`]); [`Admin::census`](admin::Admin::census)
+    /// counts live and expired records with a scan.
     pub async fn stats(&self) -> Result<Stats> {
-        let census = self.admin().census().await?;
         let flushes = {
             let guard = self.inner.state.read().await;
             guard.as_ref().ok_or(Error::Closed)?.flusher.flushes()
         };
+        let (records_pending, records_done) = self.space.stored.get();
         Ok(Stats {
-            live_pending: census.live_pending,
-            live_done: census.live_done,
+            records_pending,
+            records_done,
+            records_exact: self.inner.records_exact.load(Ordering::SeqCst),
             flushes,
             ..self.space.counters.snapshot()
         })
@@ -551,8 +571,9 @@ impl SledIdempotencyStore {
     ) -> Result<SweepReport> {
         let mut total = SweepReport::default();
         let mut index = 0;
+        let count = self.inner.take_recount();
         while let Some(space) = self.inner.space_at(index) {
-            let mut cursor = sweeper::Cursor::default();
+            let mut cursor = sweeper::Cursor::start(count);
             loop {
                 let batch = self.inner.sweep_batch(space.clone(), cursor).await?;
                 total += batch.report;
@@ -641,10 +662,12 @@ impl Drop for Inner {
         let state = self.state.clone();
         let path = self.path.clone();
         let released = Released(self.canonical.clone());
+        let spaces = lock(&self.spaces).clone();
+        let exact = self.records_exact.load(Ordering::SeqCst);
         let release = move || {
             let _released = released; // deregisters even if sled panics
             if let Some(open) = state.blocking_write().take()
-                && let Err(e) = release(open, &path)
+                && let Err(e) = release(open, &path, &counts_of(&spaces, exact))
             {
                 tracing::error!(error = %e, "final flush after the last handle was dropped failed");
             }
@@ -659,6 +682,17 @@ impl Drop for Inner {
     }
 }
 
+fn counts_of(spaces: &[Arc<Space>], exact: bool) -> Counts {
+    let spaces = spaces
+        .iter()
+        .map(|s| {
+            let (pending, done) = s.stored.get();
+            (s.name.to_string(), pending, done)
+        })
+        .collect();
+    Counts { exact, spaces }
+}
+
 /// Deregisters a database from `RELEASING` when dropped.
 struct Released(PathBuf);
 
@@ -669,6 +703,19 @@ impl Drop for Released {
 }
 
 impl Inner {
+    fn take_recount(&self) -> bool {
+        self.recount.swap(false, Ordering::SeqCst)
+    }
+
+    /// The records each namespace stores, for the marker of a close.
+    /// Called once no writer is left.
+    fn counts(&self) -> Counts {
+        counts_of(
+            &lock(&self.spaces),
+            self.records_exact.load(Ordering::SeqCst),
+        )
+    }
+
     fn find_space(&self, name: &str) -> Option<Arc<Space>> {
         lock(&self.spaces)
             .iter()
@@ -693,8 +740,8 @@ impl Inner {
         let Some(open) = self.state.write().await.take() else {
             return Ok(());
         };
-        let path = self.path.clone();
-        let release = tokio::task::spawn_blocking(move || release(open, &path));
+        let (path, counts) = (self.path.clone(), self.counts());
+        let release = tokio::task::spawn_blocking(move || release(open, &path, &counts));
         match tokio::time::timeout(self.durability_timeout + LOCK_RELEASE_WAIT, release).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => Err(Error::PreviousIo {
@@ -748,24 +795,33 @@ impl Inner {
                 // The backstop: while the index is incomplete, note every
                 // record the scan keeps.
                 let renote = !open.expiries.complete();
+                let mut noted = Ok(());
                 let mut kept = |key: &[u8], record: &Record| {
-                    if renote && let Ok(key) = <[u8; 16]>::try_from(key) {
+                    if cursor.count {
+                        space.stored.add(record.state, 1);
+                    }
+                    if renote
+                        && noted.is_ok()
+                        && let Ok(key) = <[u8; 16]>::try_from(key)
+                    {
                         let forgotten_at = rules.forgotten_at(record);
-                        open.expiries.note(&space.name, key, forgotten_at);
+                        noted = open.expiries.note(&space.name, key, forgotten_at);
                     }
                 };
                 let (from, end) = (&cursor.from, cursor.end.as_deref());
                 let scan = sweeper::scan(tree, from, end, size, now, rules, &mut kept)?;
                 if renote {
-                    open.latch_on(open.expiries.write())?;
+                    open.latch_on(noted.and_then(|()| open.expiries.write()))?;
                 }
                 let mut report = scan.report;
-                report.removed = open.latch_on(sweeper::remove_unchanged(
-                    tree,
-                    &scan.expired,
-                    &removed_tokens,
-                ))?;
-                for (key, _, _) in &scan.expired {
+                let removed = sweeper::remove_unchanged(tree, scan.expired, &removed_tokens);
+                let removed = open.latch_on(removed)?;
+                report.removed = removed.len() as u64;
+                for (key, state) in &removed {
+                    // A recount never counted it: the scan saw it forgotten.
+                    if !cursor.count {
+                        space.stored.moved(Some(*state), None);
+                    }
                     if let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
                         space.pending.ended(tree, &key);
                     }
@@ -775,6 +831,7 @@ impl Inner {
                 batch.next = scan.next.map(|from| sweeper::Cursor {
                     from,
                     end: cursor.end,
+                    count: cursor.count,
                 });
                 Ok(batch)
             })
@@ -832,11 +889,12 @@ impl Inner {
                     .expiries
                     .sweep_due(&by_name, now, rules, size, &removed_tokens);
                 let due = open.latch_on(due)?;
-                for (name, key) in &due.removed {
+                for (name, key, state) in &due.removed {
                     if let Some(space) = find(name)
                         && let Some(tree) = tree(space)
                     {
                         space.pending.ended(tree, key);
+                        space.stored.moved(Some(*state), None);
                         space.counters.add(Count::Swept, 1);
                     }
                 }
@@ -871,6 +929,10 @@ impl sweeper::Sweep for Inner {
 
     fn scanned(&self) {
         self.indexed.store(true, Ordering::SeqCst);
+    }
+
+    fn take_recount(&self) -> bool {
+        Inner::take_recount(self)
     }
 }
 
@@ -910,6 +972,7 @@ impl Engine for SledIdempotencyStore {
             let expires_at = now.checked_add(ttl_ms).ok_or(Error::TtlOverflow { ttl })?;
             let record = decode_at(&bytes, current.as_deref())?;
             let rules = self.inner.retention;
+            let replaced = record.as_ref().map(|r| r.state);
             let attempts = match machine::claim(record.as_ref(), now, rules, fingerprint) {
                 Claim::Take { attempts } => attempts,
                 found => return Ok(Acquired::Not(Self::duplicate(&found, record))),
@@ -940,7 +1003,8 @@ impl Engine for SledIdempotencyStore {
                 continue; // expired and taken over while re-stamping: start again
             };
             self.space.pending.claimed(&bytes);
-            open.expiries.note(&self.space.name, bytes, forgotten_at);
+            self.space.stored.moved(replaced, Some(State::Pending));
+            open.latch_on(open.expiries.note(&self.space.name, bytes, forgotten_at))?;
             open.flusher.write_completed().await?;
             return Ok(Acquired::Lease {
                 token,

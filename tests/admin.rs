@@ -126,6 +126,7 @@ async fn verify_names_each_bad_key_and_passes_a_sound_database() -> TestResult {
     db.open_tree("some-other-tree")?.insert(b"k", b"v")?;
     db.flush()?;
     drop((tree, db));
+    common::wait_for_sled_to_let_go(&fx.path());
 
     let store = fx.open().await?;
     let report = store.admin().verify().await?;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Fixture, TTL, TestResult, forget_expiry_index, id, open_at};
+use common::{Fixture, TTL, TestResult, forget_expiry_index, id, open_at, wait_for_sled_to_let_go};
 use sled_idempotency::{
     ClaimOutcome::*, DEFAULT_PENDING_RETENTION, Durability, Error, FORMAT_VERSION, MAX_WAIT,
     SledIdempotencyStore,
@@ -201,6 +201,7 @@ async fn a_newer_format_is_refused_and_left_untouched() -> TestResult {
             .insert("format_version", &(FORMAT_VERSION + 1).to_be_bytes())?;
         db.flush()?;
     }
+    wait_for_sled_to_let_go(&fx.path());
     let err = fx.open().await.expect_err("newer format");
     match &err {
         Error::NewerFormat {
@@ -228,6 +229,7 @@ async fn a_corrupted_value_is_reported_by_key_and_other_keys_keep_working() -> T
             .insert(bad.as_uuid().as_bytes(), garbage)?;
         db.flush()?;
     }
+    wait_for_sled_to_let_go(&fx.path());
     // As after a crash: the first sweep reads every record.
     forget_expiry_index(&fx.path())?;
     let store = fx.open().await?;

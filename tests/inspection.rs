@@ -118,8 +118,10 @@ async fn stats_count_a_scripted_sequence_exactly() -> TestResult {
         releases: 2,
         lease_conflicts: 2,
         swept: 1,
-        live_pending: 1,
-        live_done: 2,
+        // Stored, not live: key 6 expired but is remembered (not sweepable).
+        records_pending: 2,
+        records_done: 2,
+        records_exact: true,
         flushes: stats.flushes,
     };
     assert_eq!(swept, 1);

@@ -45,7 +45,7 @@ use sled::IVec;
 
 use crate::error::{Error, Result};
 use crate::machine::{self, Retention};
-use crate::record::Record;
+use crate::record::{Record, State};
 
 use super::keyspace::{display_key, remove};
 use super::open::lock;
@@ -55,16 +55,72 @@ use super::sweeper::SweepReport;
 pub(crate) const INDEX_TREE: &str = "sled-idempotency/expiry";
 /// The complete marker, in the metadata tree. Its value is the
 /// `pending_retention` (milliseconds, 8 bytes big endian) the notes were
-/// written under: a longer retention forgets pending records later than
-/// their notes say, so it needs the backstop scan.
+/// written under (a longer retention forgets pending records later than
+/// their notes say, so it needs the backstop scan), then the records each
+/// namespace held at the close ([`Counts`]), which stay valid for as long
+/// as the marker does.
 const COMPLETE_KEY: &str = "expiry_index_complete";
 /// Width of an index entry's time slot.
 pub(crate) const SLOT_MS: u64 = 1_000;
 /// Most keys in one index entry (16 bytes each): entries stay small, far
 /// below the size at which sled writes a value to a file of its own.
 const MAX_KEYS_PER_ENTRY: usize = 256;
+/// Notes gathered before the writer of the last one writes them itself:
+/// with a long `Periodic` period, notes would otherwise pile up in memory
+/// (40 bytes each) until the next flush.
+const MAX_NOTES_IN_MEMORY: usize = 16_384;
 /// Version byte of an entry's value.
 const ENTRY_VERSION: u8 = 1;
+
+/// Records stored per namespace, recorded with the marker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Exact, or an estimate made after a crash (see `Stats::records_exact`).
+    pub(crate) exact: bool,
+    /// Namespace, pending records, done records.
+    pub(crate) spaces: Vec<(String, u64, u64)>,
+}
+
+impl Counts {
+    fn encode(&self, pending_ms: u64) -> Vec<u8> {
+        let mut value = pending_ms.to_be_bytes().to_vec();
+        value.push(u8::from(self.exact));
+        for (name, pending, done) in &self.spaces {
+            // Namespace names are at most 64 bytes (`validate_namespace`).
+            value.push(name.len() as u8);
+            value.extend_from_slice(name.as_bytes());
+            value.extend_from_slice(&pending.to_be_bytes());
+            value.extend_from_slice(&done.to_be_bytes());
+        }
+        value
+    }
+
+    /// The retention and the counts, or `None` if `value` is not a marker.
+    fn decode(value: &[u8]) -> Option<(u64, Counts)> {
+        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+            *rest = tail;
+            Some(head)
+        }
+        let u64_of = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes);
+        let mut rest = value;
+        let pending_ms = u64_of(take(&mut rest, 8)?)?;
+        let exact = match take(&mut rest, 1)? {
+            [0] => false,
+            [1] => true,
+            _ => return None,
+        };
+        let mut spaces = Vec::new();
+        while !rest.is_empty() {
+            let len = usize::from(*take(&mut rest, 1)?.first()?);
+            let name = std::str::from_utf8(take(&mut rest, len)?).ok()?;
+            let pending = u64_of(take(&mut rest, 8)?)?;
+            let done = u64_of(take(&mut rest, 8)?)?;
+            spaces.push((name.to_owned(), pending, done));
+        }
+        Some((pending_ms, Counts { exact, spaces }))
+    }
+}
 
 /// One record write, noted for the index.
 #[derive(Debug, Clone)]
@@ -89,6 +145,9 @@ pub(crate) struct Expiries {
     sweeping: Mutex<()>,
     /// The `pending_retention` of this open, recorded with the marker.
     pending_ms: u64,
+    /// The record counts the marker carried (`None`: unknown, after a
+    /// crash); new databases start at exact zeros.
+    pub(crate) counts: Option<Counts>,
 }
 
 impl Expiries {
@@ -106,10 +165,17 @@ impl Expiries {
         let marker = meta
             .remove(COMPLETE_KEY)
             .map_err(Error::storage("reading the expiry index marker"))?;
-        let complete = new_database
-            || marker
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .is_some_and(|v| u64::from_be_bytes(v) >= pending_ms);
+        let (complete, counts) = match marker.as_deref().and_then(Counts::decode) {
+            _ if new_database => (
+                true,
+                Some(Counts {
+                    exact: true,
+                    ..Counts::default()
+                }),
+            ),
+            Some((written_under, counts)) => (written_under >= pending_ms, Some(counts)),
+            None => (false, None),
+        };
         Ok(Self {
             db: db.clone(),
             tree,
@@ -118,18 +184,26 @@ impl Expiries {
             complete: Arc::new(AtomicBool::new(complete)),
             sweeping: Mutex::new(()),
             pending_ms,
+            counts,
         })
     }
 
     /// Notes a record just written to `space` under `key`, forgotten at
-    /// `forgotten_at` (`Retention::forgotten_at`).
-    pub(crate) fn note(&self, space: &Arc<str>, key: [u8; 16], forgotten_at: u64) {
+    /// `forgotten_at` (`Retention::forgotten_at`). Once every
+    /// [`MAX_NOTES_IN_MEMORY`] notes, writes them (a failure latches the
+    /// store: the caller's write is then not acknowledged).
+    pub(crate) fn note(&self, space: &Arc<str>, key: [u8; 16], forgotten_at: u64) -> Result<()> {
         let note = Note {
             space: space.clone(),
             key,
             forgotten_at,
         };
-        lock(&self.notes).push(note);
+        let full = {
+            let mut notes = lock(&self.notes);
+            notes.push(note);
+            notes.len() >= MAX_NOTES_IN_MEMORY
+        };
+        if full { self.write() } else { Ok(()) }
     }
 
     /// Does the index cover every record (no backstop scan needed)?
@@ -175,12 +249,12 @@ impl Expiries {
     /// index covers every record, makes them durable with `sync` (a flush
     /// and fdatasync) and only then writes the complete marker, so that no
     /// torn write can keep the marker and lose a note.
-    pub(crate) fn seal(&self, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+    pub(crate) fn seal(&self, counts: &Counts, sync: impl FnOnce() -> Result<()>) -> Result<()> {
         self.write()?;
         if self.complete() {
             sync()?;
             self.meta
-                .insert(COMPLETE_KEY, &self.pending_ms.to_be_bytes())
+                .insert(COMPLETE_KEY, counts.encode(self.pending_ms))
                 .map_err(Error::storage("writing the expiry index marker"))?;
         }
         Ok(())
@@ -234,7 +308,7 @@ impl Expiries {
                     Ok(r) if machine::sweepable(&r, now, rules) => {
                         if remove(&tree, &key, &value, r.token, removed_tokens)?.is_ok() {
                             due.report.removed += 1;
-                            due.removed.push((name.clone(), key));
+                            due.removed.push((name.clone(), key, r.state));
                         }
                     }
                     // Forgotten later in this slot: sweep it again then.
@@ -266,8 +340,8 @@ impl Expiries {
 #[derive(Debug, Default)]
 pub(crate) struct Due {
     pub(crate) report: SweepReport,
-    /// The records removed: namespace and key.
-    pub(crate) removed: Vec<(Arc<str>, [u8; 16])>,
+    /// The records removed: namespace, key, and the state each held.
+    pub(crate) removed: Vec<(Arc<str>, [u8; 16], State)>,
     /// More due entries wait: the sweep stopped at its limit.
     pub(crate) more: bool,
 }
@@ -320,7 +394,6 @@ fn decode(value: &[u8]) -> Option<(Arc<str>, Vec<[u8; 16]>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::State;
 
     const RULES: Retention = Retention {
         done_ms: None,
@@ -354,13 +427,30 @@ mod tests {
     fn put(ix: &Expiries, tree: &sled::Tree, k: u8, r: &Record) -> Result<()> {
         tree.insert([k; 16], r.encode())
             .map_err(Error::storage("test"))?;
-        ix.note(&Arc::from("ns"), [k; 16], RULES.forgotten_at(r));
-        Ok(())
+        ix.note(&Arc::from("ns"), [k; 16], RULES.forgotten_at(r))
     }
 
     fn sweep(ix: &Expiries, tree: &sled::Tree, now: u64) -> Result<Due> {
         let find = |name: &str| (name == "ns").then(|| tree.clone());
         ix.sweep_due(&find, now, RULES, 10_000, &AtomicU64::new(0))
+    }
+
+    #[test]
+    fn counts_round_trip_and_refuse_garbage() {
+        let counts = Counts {
+            exact: false,
+            spaces: vec![("default".into(), 3, 4), ("a.b".into(), u64::MAX, 0)],
+        };
+        let value = counts.encode(77);
+        assert_eq!(Counts::decode(&value), Some((77, counts)));
+        for cut in 0..value.len() {
+            if cut != 9 && cut != 9 + 1 + 7 + 16 {
+                assert_eq!(Counts::decode(&value[..cut]), None, "cut at {cut}");
+            }
+        }
+        let mut bad = value.clone();
+        bad[8] = 2;
+        assert_eq!(Counts::decode(&bad), None);
     }
 
     #[test]
@@ -420,13 +510,13 @@ mod tests {
     fn the_marker_is_written_by_seal_and_taken_by_open() -> Result<()> {
         let (db, _tree, ix) = setup()?;
         let meta = db.open_tree("meta").map_err(Error::storage("test"))?;
-        ix.seal(|| Ok(()))?;
+        ix.seal(&Counts::default(), || Ok(()))?;
         assert!(Expiries::open(&db, &meta, RULES.pending_ms, false)?.complete());
         assert!(!Expiries::open(&db, &meta, RULES.pending_ms, false)?.complete());
-        ix.seal(|| Ok(()))?;
+        ix.seal(&Counts::default(), || Ok(()))?;
         assert!(!Expiries::open(&db, &meta, RULES.pending_ms + 1, false)?.complete());
         let incomplete = Expiries::open(&db, &meta, RULES.pending_ms, false)?;
-        incomplete.seal(|| Ok(()))?;
+        incomplete.seal(&Counts::default(), || Ok(()))?;
         assert!(
             !Expiries::open(&db, &meta, RULES.pending_ms, false)?.complete(),
             "an incomplete index writes no marker"

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::namespace::{DEFAULT_NAMESPACE, validate_namespace};
 
 use super::Open;
-use super::expiry::Expiries;
+use super::expiry::{Counts, Expiries};
 
 /// Version of the database layout (trees, key and value encoding). Recorded
 /// in the metadata tree; a database with a higher number is refused, one
@@ -339,16 +339,17 @@ pub(crate) fn sync_parent(path: &Path) -> Result<()> {
         .map_err(Error::io("syncing the directory that holds the database"))
 }
 
-/// Stops the flusher after a final flush (unless latched), drops sled and
+/// Stops the flusher after a final flush (unless latched; `counts` go with
+/// the expiry index's marker), drops sled and
 /// waits (bounded) for its threads to let go of the directory lock.
 /// Blocking. sled 0.34 unwraps an fsync in its own `Drop`, which panics on a
 /// failing disk: that panic is caught here, and the failure that latched the
 /// store is what the caller sees.
-pub(crate) fn release(mut open: Open, path: &Path) -> Result<()> {
+pub(crate) fn release(mut open: Open, path: &Path, counts: &Counts) -> Result<()> {
     // No writer is left: the last notes, then the marker, then the flush.
     // A failure latches the store, and the shutdown below reports it.
     if open.flusher.check().is_ok() {
-        let sealed = open.expiries.seal(|| open.flusher.sync_blocking());
+        let sealed = open.expiries.seal(counts, || open.flusher.sync_blocking());
         let _ = open.latch_on(sealed);
     }
     let flushed = open.flusher.shutdown();

@@ -27,7 +27,7 @@ use sled::IVec;
 
 use crate::error::{Error, Result};
 use crate::machine::{self, Retention};
-use crate::record::Record;
+use crate::record::{Record, State};
 
 use super::keyspace::{display_key, remove};
 
@@ -51,6 +51,10 @@ pub(crate) trait Sweep: Send + Sync + 'static {
 
     /// A full scan of every namespace has finished.
     fn scanned(&self);
+
+    /// Should the scan starting now recount the records stored? (At most
+    /// one scan per open does.)
+    fn take_recount(&self) -> bool;
 }
 
 /// What one sweep did.
@@ -164,7 +168,10 @@ async fn scan_all<S: Sweep>(
     stop: &watch::Receiver<bool>,
     total: &mut SweepReport,
 ) -> Step {
-    let (mut index, mut cursor) = (0, Cursor::default());
+    let Some(count) = store.upgrade().map(|inner| inner.take_recount()) else {
+        return Step::Stop;
+    };
+    let (mut index, mut cursor) = (0, Cursor::start(count));
     loop {
         if *stop.borrow() {
             return Step::Stop;
@@ -185,7 +192,7 @@ async fn scan_all<S: Sweep>(
                 *total += batch.report;
                 match batch.next {
                     Some(next) => cursor = next,
-                    None => (index, cursor) = (index + 1, Cursor::default()),
+                    None => (index, cursor) = (index + 1, Cursor::start(count)),
                 }
             }
             Err(Error::Closed) => return Step::Stop,
@@ -209,8 +216,9 @@ pub(crate) struct Batch {
 /// go on from.
 pub(crate) struct Scan {
     pub(crate) report: SweepReport,
-    /// Expired records as read: key, the exact value bytes, their token.
-    pub(crate) expired: Vec<(IVec, IVec, u64)>,
+    /// Expired records as read: key, the exact value bytes, their token
+    /// and state.
+    pub(crate) expired: Vec<(IVec, IVec, u64, State)>,
     /// The key to continue from, or `None` at the end of the keyspace.
     pub(crate) next: Option<Vec<u8>>,
 }
@@ -223,6 +231,18 @@ pub(crate) struct Scan {
 pub(crate) struct Cursor {
     pub(crate) from: Vec<u8>,
     pub(crate) end: Option<Vec<u8>>,
+    /// This scan recounts the records stored (after a crash).
+    pub(crate) count: bool,
+}
+
+impl Cursor {
+    /// The start of a scan of a namespace.
+    pub(crate) fn start(count: bool) -> Self {
+        Cursor {
+            count,
+            ..Cursor::default()
+        }
+    }
 }
 
 /// Reads up to `batch` records from `cursor` on (up to `end`, inclusive,
@@ -253,7 +273,7 @@ pub(crate) fn scan(
                 tracing::warn!(key = %display_key(&key), error = %e, "sweeper skipped a corrupted record");
             }
             Ok(record) if machine::sweepable(&record, now, rules) => {
-                expired.push((key.clone(), value, record.token));
+                expired.push((key.clone(), value, record.token, record.state));
             }
             Ok(record) => kept(&key, &record),
         }
@@ -277,15 +297,16 @@ pub(crate) fn scan(
 /// Removes each record only if it still holds the exact bytes `scan` read:
 /// a key re-claimed (or completed) since then is left alone. Raises
 /// `removed_tokens` before each removal (the store's fencing guard).
+/// Returns the keys removed, with the state each held.
 pub(crate) fn remove_unchanged(
     tree: &sled::Tree,
-    expired: &[(IVec, IVec, u64)],
+    expired: Vec<(IVec, IVec, u64, State)>,
     removed_tokens: &AtomicU64,
-) -> Result<u64> {
-    let mut removed = 0;
-    for (key, value, token) in expired {
-        if remove(tree, key, value, *token, removed_tokens)?.is_ok() {
-            removed += 1;
+) -> Result<Vec<(IVec, State)>> {
+    let mut removed = Vec::new();
+    for (key, value, token, state) in expired {
+        if remove(tree, &key, &value, token, removed_tokens)?.is_ok() {
+            removed.push((key, state));
         }
     }
     Ok(removed)
@@ -294,7 +315,6 @@ pub(crate) fn remove_unchanged(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::State;
 
     /// Expired pending claims forgotten at once, as expired done records.
     const RULES: Retention = Retention {
@@ -344,9 +364,10 @@ mod tests {
         tree.insert([3], record(State::Done, 1_500, 3))
             .map_err(Error::storage("test"))?;
 
+        let removed = remove_unchanged(&tree, scan.expired, &AtomicU64::new(0))?;
         assert_eq!(
-            remove_unchanged(&tree, &scan.expired, &AtomicU64::new(0))?,
-            1,
+            removed,
+            vec![(IVec::from(&[2u8]), State::Done)],
             "only key 2 is unchanged"
         );
         let get = |k: u8| tree.get([k]).map_err(Error::storage("test"));
@@ -380,7 +401,7 @@ mod tests {
             &mut |_, _| {},
         )?;
         assert_eq!(
-            second.expired.first().map(|(k, _, _)| k.to_vec()),
+            second.expired.first().map(|(k, _, _, _)| k.to_vec()),
             Some(vec![2])
         );
         let third = scan(

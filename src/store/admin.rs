@@ -18,6 +18,7 @@ use super::{SledIdempotencyStore, blocking};
 use crate::error::{Error, Result};
 use crate::machine;
 use crate::record::{MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, Record, State};
+use crate::sled::expiry::Counts;
 use crate::sled::keyspace::{cas, display_key, next_token};
 use crate::sled::open::{
     FORMAT_VERSION, is_known_tree, meta_tree, namespace_tree, open_db, set_token_floor,
@@ -469,6 +470,11 @@ impl Admin<'_> {
                 ..CompactReport::default()
             };
             let mut ticker = Ticker::new(progress);
+            // What the copy holds, counted as it is written: exact.
+            let mut counts = Counts {
+                exact: true,
+                spaces: Vec::new(),
+            };
             for (index, name) in names.iter().enumerate() {
                 let from = open.trees.get(index).ok_or(Error::Closed)?;
                 let to = new
@@ -477,6 +483,7 @@ impl Admin<'_> {
                     .map_err(Error::storage("creating a namespace in the new database"))?;
                 report.namespaces += 1;
                 let space: std::sync::Arc<str> = name.as_str().into();
+                let (mut pending, mut done) = (0, 0);
                 for entry in from.iter() {
                     let (key, value) = entry.map_err(Error::storage("reading records"))?;
                     ticker.tick();
@@ -486,7 +493,11 @@ impl Admin<'_> {
                         Ok(r) => {
                             let keep = !machine::sweepable(&r, now, rules);
                             if keep && let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
-                                new.expiries.note(&space, key, rules.forgotten_at(&r));
+                                new.expiries.note(&space, key, rules.forgotten_at(&r))?;
+                                match r.state {
+                                    State::Pending => pending += 1,
+                                    State::Done => done += 1,
+                                }
                             }
                             keep
                         }
@@ -508,10 +519,8 @@ impl Admin<'_> {
                         });
                     }
                     report.records += 1;
-                    if report.records.is_multiple_of(65_536) {
-                        new.expiries.write()?; // bounded memory for the notes
-                    }
                 }
+                counts.spaces.push((name.clone(), pending, done));
             }
             ticker.report();
             // Records claimed while the copy ran carry tokens above the
@@ -521,8 +530,9 @@ impl Admin<'_> {
             report.token_floor = floor;
             // Every copied record is noted: the new database opens with a
             // complete expiry index.
-            new.expiries
-                .seal(|| sync("making the new database's expiry index durable"))?;
+            new.expiries.seal(&counts, || {
+                sync("making the new database's expiry index durable")
+            })?;
             sync("making the new database durable")?;
             drop(new);
             wait_for_lock_release(&dest);

@@ -78,7 +78,24 @@ pub fn forget_expiry_index(path: &Path) -> sled::Result<()> {
     db.open_tree("sled-idempotency/meta")?
         .remove("expiry_index_complete")?;
     db.flush()?;
+    drop(db);
+    wait_for_sled_to_let_go(path);
     Ok(())
+}
+
+/// sled's threads hold a dropped database's lock for a moment: waits (up
+/// to ten seconds) until it can be taken, so that the next open succeeds.
+pub fn wait_for_sled_to_let_go(path: &Path) {
+    let Ok(file) = std::fs::File::open(path.join("db")) else {
+        return;
+    };
+    for _ in 0..10_000 {
+        if file.try_lock().is_ok() {
+            let _ = file.unlock();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Copies a directory tree (a closed database, say).

@@ -434,8 +434,11 @@ fn write_one(
         let new = Some(r.value.clone());
         match open.latch_on(cas(tree, &r.key, current.as_deref(), new))? {
             Ok(()) => {
+                // A stored value that does not decode was never counted.
+                let was = current.as_deref().and_then(|v| Record::decode(v).ok());
+                (handle.space.stored).moved(was.map(|w| w.state), Some(r.record.state));
                 let forgotten_at = handle.inner.retention.forgotten_at(&r.record);
-                open.expiries.note(&handle.space.name, r.key, forgotten_at);
+                open.latch_on(open.expiries.note(&handle.space.name, r.key, forgotten_at))?;
                 if replacing {
                     report.replaced += 1;
                 } else {
