@@ -550,12 +550,14 @@ impl SledIdempotencyStore {
         if !self.inner.indexed.load(Ordering::SeqCst) {
             total += self.sweep_all(None, true).await?;
         }
+        let mut cursor = sweeper::Cursor::default();
         loop {
-            let batch = self.inner.due_batch().await?;
+            let batch = self.inner.due_batch(cursor).await?;
             total += batch.report;
-            if batch.next.is_none() {
+            let Some(next) = batch.next else {
                 return Ok(total);
-            }
+            };
+            cursor = next;
             sweeper::pace(batch.took).await;
         }
     }
@@ -866,6 +868,7 @@ impl Inner {
     /// entries are due. Runs on a blocking thread.
     pub(crate) fn due_batch(
         &self,
+        cursor: sweeper::Cursor,
     ) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
         let SweepTools {
             state,
@@ -885,9 +888,10 @@ impl Inner {
                 let tree = |space: &Space| open.trees.get(space.index);
                 let by_name = |name: &str| find(name).and_then(|s| tree(s)).cloned();
                 let now = clock.now_millis();
+                let batch = (&cursor.from[..], size);
                 let due = open
                     .expiries
-                    .sweep_due(&by_name, now, rules, size, &removed_tokens);
+                    .sweep_due(&by_name, now, rules, batch, &removed_tokens);
                 let due = open.latch_on(due)?;
                 for (name, key, state) in &due.removed {
                     if let Some(space) = find(name)
@@ -900,7 +904,10 @@ impl Inner {
                 }
                 Ok(sweeper::Batch {
                     report: due.report,
-                    next: due.more.then(sweeper::Cursor::default),
+                    next: due.next.map(|from| sweeper::Cursor {
+                        from,
+                        ..sweeper::Cursor::default()
+                    }),
                     took: started.elapsed(),
                 })
             })
@@ -919,8 +926,11 @@ impl sweeper::Sweep for Inner {
         Some(self.sweep_batch(space, cursor))
     }
 
-    fn due(&self) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
-        self.due_batch()
+    fn due(
+        &self,
+        cursor: sweeper::Cursor,
+    ) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
+        self.due_batch(cursor)
     }
 
     fn indexed(&self) -> bool {

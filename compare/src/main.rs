@@ -77,14 +77,29 @@ fn main() {
             "sweep" => println!("{}", measure::sweep_impact(&settings)),
             "space" => println!("{}", measure::space_and_reopen(&settings)),
             "scans" => println!("{}", measure::scans(&settings)),
+            "scale" => println!("{}", measure::scale(&settings)),
+            "claims" => println!("{}", measure::table(&claims(&settings, redis.as_ref()))),
             "redis" => match &redis {
                 Some(server) => println!("{}", redis_engine::section(&settings, server)),
                 None => eprintln!("the redis section needs redis-server"),
             },
-            other => eprintln!("unknown section {other}: use sweep, space, scans or redis"),
+            other => eprintln!(
+                "unknown section {other}: use claims, sweep, space, scans, scale or redis"
+            ),
         }
         return;
     }
+    println!("{}", measure::table(&claims(&settings, redis.as_ref())));
+    if let Some(server) = &redis {
+        println!("{}", redis_engine::section(&settings, server));
+    }
+
+    println!("{}", measure::sweep_impact(&settings));
+    println!("{}", measure::space_and_reopen(&settings));
+}
+
+/// Claims of new keys by every engine, durable and not, 1 and 64 tasks.
+fn claims(settings: &Settings, redis: Option<&Redis>) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     let periodic = Durability::Periodic(Duration::from_millis(100));
     for (durable, tasks) in [(false, 1), (true, 1), (false, 64), (true, 64)] {
@@ -102,7 +117,7 @@ fn main() {
             Box::new(RawSled::open(durable)),
             Box::new(Sqlite::open(durable)),
         ];
-        if let Some(server) = &redis {
+        if let Some(server) = redis {
             match server.engine(durable) {
                 Ok(engine) => engines.push(Box::new(engine)),
                 Err(why) => eprintln!("redis skipped for {scenario}: {why}"),
@@ -112,7 +127,7 @@ fn main() {
             .iter()
             .map(|e| {
                 eprintln!("running {scenario}: {}", e.label());
-                (e.label(), e.run(tasks, &settings))
+                (e.label(), e.run(tasks, settings))
             })
             .collect();
         let ours = samples[0].1.throughput();
@@ -120,11 +135,5 @@ fn main() {
             rows.push(Row::new(&scenario, &label, tasks, &sample, ours));
         }
     }
-    println!("{}", measure::table(&rows));
-    if let Some(server) = &redis {
-        println!("{}", redis_engine::section(&settings, server));
-    }
-
-    println!("{}", measure::sweep_impact(&settings));
-    println!("{}", measure::space_and_reopen(&settings));
+    rows
 }

@@ -527,3 +527,150 @@ pub fn scans(settings: &Settings) -> String {
     ));
     out
 }
+
+/// Removing 100,000 forgotten records from a database that also holds
+/// `live` records with a day to live: how long one `sweep_expired` takes.
+fn sweep_of_100k_beside(live: u64) -> Duration {
+    const EXPIRING: u64 = 100_000;
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_800_000_000_000);
+    rt.block_on(async {
+        let path = dir.path().join("db");
+        let store = SledIdempotencyStore::builder(&path)
+            .durability(Durability::Periodic(Duration::from_secs(1)))
+            .pending_retention(Duration::ZERO)
+            .clock(clock.clone())
+            .open()
+            .await
+            .expect("open");
+        // The expiring claims spread among the live ones, in key order.
+        let every = live / EXPIRING + 1;
+        let (mut expiring, mut n) = (0, 0);
+        while n < live + EXPIRING {
+            let ttl = if n % every == 0 && expiring < EXPIRING {
+                expiring += 1;
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(86_400)
+            };
+            store.try_claim(&key(n), ttl).await.expect("fill");
+            n += 1;
+        }
+        store.close().await.expect("close");
+        let store = SledIdempotencyStore::builder(&path)
+            .durability(Durability::Periodic(Duration::from_secs(1)))
+            .pending_retention(Duration::ZERO)
+            .clock(clock.clone())
+            .open()
+            .await
+            .expect("reopen");
+        clock.advance(Duration::from_secs(2));
+        let start = Instant::now();
+        let report = store.sweep_expired().await.expect("sweep");
+        let took = start.elapsed();
+        assert_eq!(report.removed, expiring, "every expired record removed");
+        store.close().await.expect("close");
+        took
+    })
+}
+
+/// Resident and peak memory of this process (kB), from /proc.
+fn rss_kb() -> (u64, u64) {
+    let status = read("/proc/self/status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The scale section: sweep cost against database size, and a churn soak
+/// (`SOAK_CLAIMS` claims, default 50,000,000, each living 200 s of a clock
+/// that moves 1 ms per claim, so about 200,000 are live; a sweep every
+/// 100,000 claims), with disk size and memory every tenth of the run.
+pub fn scale(settings: &Settings) -> String {
+    let small = 200_000;
+    let large = std::env::var("SCALE_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(settings.big * 10);
+    eprintln!("scale: sweep beside {small} live records");
+    let small_took = sweep_of_100k_beside(small);
+    eprintln!("scale: sweep beside {large} live records");
+    let large_took = sweep_of_100k_beside(large);
+    let mut out = format!(
+        "Sweep cost against database size (`Periodic`, one `sweep_expired()` removing 100,000 forgotten records spread among the live ones):\n\n| live records beside them | sweep took | ÷ the {small} case |\n|---:|---:|---:|\n| {small} | {small_took:.2?} | 1.00× |\n| {large} | {large_took:.2?} | {:.2}× |\n\n",
+        large_took.as_secs_f64() / small_took.as_secs_f64()
+    );
+    let claims: u64 = std::env::var("SOAK_CLAIMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if settings.big < 1_000_000 { 2_000_000 } else { 50_000_000 });
+    out.push_str(&soak(claims, settings.big / 5));
+    out
+}
+
+fn soak(claims: u64, live: u64) -> String {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_800_000_000_000);
+    let path = dir.path().join("db");
+    let step = claims / 10;
+    let rows = rt.block_on(async {
+        let store = SledIdempotencyStore::builder(&path)
+            .durability(Durability::Periodic(Duration::from_millis(100)))
+            .pending_retention(Duration::ZERO)
+            .clock(clock.clone())
+            .open()
+            .await
+            .expect("open");
+        let ttl = Duration::from_millis(live);
+        let (mut rows, mut since, mut swept) = (Vec::new(), Instant::now(), 0);
+        for n in 0..claims {
+            store.try_claim(&key(n), ttl).await.expect("claim");
+            clock.advance(Duration::from_millis(1));
+            if (n + 1) % 100_000 == 0 {
+                swept += store.sweep_expired().await.expect("sweep").removed;
+            }
+            if (n + 1) % step == 0 {
+                let stats = store.stats().await.expect("stats");
+                let (rss, _) = rss_kb();
+                rows.push((
+                    n + 1,
+                    disk_bytes(&path),
+                    rss,
+                    stats.records_pending,
+                    step as f64 / since.elapsed().as_secs_f64(),
+                ));
+                eprintln!("soak: {} claims", n + 1);
+                since = Instant::now();
+            }
+        }
+        store.close().await.expect("close");
+        assert!(swept + live >= claims, "the sweeps kept up: {swept} removed");
+        rows
+    });
+    let mut out = format!(
+        "Churn soak: {claims} claims of new keys from one task (`Periodic(100 ms)`), each living {live} ms of a clock that moves 1 ms per claim (about {live} live at a time), `sweep_expired()` every 100,000 claims:\n\n| claims | disk | RSS | records stored (`stats()`) | claims/s over the step |\n|---:|---:|---:|---:|---:|\n"
+    );
+    for (n, disk, rss, stored, rate) in &rows {
+        out.push_str(&format!(
+            "| {n} | {:.0} MiB | {:.0} MiB | {stored} | {rate:.0} |\n",
+            *disk as f64 / (1 << 20) as f64,
+            *rss as f64 / 1024.0
+        ));
+    }
+    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+        out.push_str(&format!(
+            "\nLast ÷ first: disk {:.2}×, RSS {:.2}×, claims/s {:.2}×.\n",
+            last.1 as f64 / first.1 as f64,
+            last.2 as f64 / first.2 as f64,
+            last.4 / first.4
+        ));
+    }
+    out
+}

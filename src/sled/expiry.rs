@@ -260,26 +260,29 @@ impl Expiries {
         Ok(())
     }
 
-    /// Sweeps index entries whose time slot has begun at `now`, reading at
-    /// most about `limit` notes. `space` finds a namespace's tree by name.
+    /// Sweeps index entries whose time slot has begun at `now`, from the
+    /// entry `from` on (empty: the first), reading at most about `limit`
+    /// notes. `space` finds a namespace's tree by name. Entries it keeps
+    /// (notes forgotten later in the current slot) are passed over: the
+    /// next batch goes on after the last entry read.
     pub(crate) fn sweep_due(
         &self,
         space: &dyn Fn(&str) -> Option<sled::Tree>,
         now: u64,
         rules: Retention,
-        limit: usize,
+        (from, limit): (&[u8], usize),
         removed_tokens: &AtomicU64,
     ) -> Result<Due> {
         let _one_at_a_time = lock(&self.sweeping);
         self.write()?;
         let mut due = Due::default();
-        let end = (now / SLOT_MS).saturating_add(1);
-        for entry in self.tree.range(..end.to_be_bytes()) {
+        let end = (now / SLOT_MS).saturating_add(1).to_be_bytes();
+        for entry in self.tree.range(from..&end[..]) {
+            let (entry_key, value) = entry.map_err(Error::storage("reading the expiry index"))?;
             if due.report.examined >= limit as u64 {
-                due.more = true;
+                due.next = Some(entry_key.to_vec());
                 break;
             }
-            let (entry_key, value) = entry.map_err(Error::storage("reading the expiry index"))?;
             let slot = slot_of(&entry_key);
             let Some((name, keys)) = decode(&value) else {
                 // Not ours to read: drop it, and let the backstop scan note
@@ -342,8 +345,8 @@ pub(crate) struct Due {
     pub(crate) report: SweepReport,
     /// The records removed: namespace, key, and the state each held.
     pub(crate) removed: Vec<(Arc<str>, [u8; 16], State)>,
-    /// More due entries wait: the sweep stopped at its limit.
-    pub(crate) more: bool,
+    /// The entry to go on from: more due entries wait.
+    pub(crate) next: Option<Vec<u8>>,
 }
 
 fn entry_key(slot: u64, seq: u64) -> [u8; 16] {
@@ -432,7 +435,7 @@ mod tests {
 
     fn sweep(ix: &Expiries, tree: &sled::Tree, now: u64) -> Result<Due> {
         let find = |name: &str| (name == "ns").then(|| tree.clone());
-        ix.sweep_due(&find, now, RULES, 10_000, &AtomicU64::new(0))
+        ix.sweep_due(&find, now, RULES, (&[], 10_000), &AtomicU64::new(0))
     }
 
     #[test]
@@ -487,6 +490,35 @@ mod tests {
         assert_eq!(sweep(&ix, &tree, 5_000)?.report.removed, 1);
         assert!(tree.is_empty());
         assert!(ix.tree.is_empty(), "every entry swept is gone");
+        Ok(())
+    }
+
+    /// Notes kept for later in the current slot do not hold up a sweep
+    /// that reads in small batches: each batch goes on after the last
+    /// entry the one before read.
+    #[test]
+    fn batches_pass_over_what_they_keep() -> Result<()> {
+        let (_db, tree, ix) = setup()?;
+        for k in 0..200u8 {
+            // Forgotten at 1,900: in the slot of `now`, not yet.
+            put(&ix, &tree, k, &record(State::Done, 1_900, 1))?;
+            ix.write()?; // one entry each
+        }
+        put(&ix, &tree, 255, &record(State::Done, 1_000, 1))?;
+        let find = |name: &str| (name == "ns").then(|| tree.clone());
+        let (mut from, mut batches, mut examined) = (Vec::new(), 0, 0);
+        loop {
+            let due = ix.sweep_due(&find, 1_500, RULES, (&from, 16), &AtomicU64::new(0))?;
+            (batches, examined) = (batches + 1, examined + due.report.examined);
+            match due.next {
+                Some(next) => from = next,
+                None => break,
+            }
+            assert!(batches < 100, "the sweep keeps reading the same entries");
+        }
+        assert_eq!(examined, 201, "every note read once");
+        assert!(tree.get([255; 16]).map_err(Error::storage("t"))?.is_none());
+        assert_eq!(tree.len(), 200);
         Ok(())
     }
 

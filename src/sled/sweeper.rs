@@ -42,9 +42,9 @@ pub(crate) trait Sweep: Send + Sync + 'static {
         cursor: Cursor,
     ) -> Option<impl Future<Output = Result<Batch>> + Send + 'static>;
 
-    /// The next batch of due expiry index entries; its `next` is `Some`
-    /// while more are due.
-    fn due(&self) -> impl Future<Output = Result<Batch>> + Send + 'static;
+    /// The next batch of due expiry index entries from `cursor` on; its
+    /// `next` is `Some` while more are due.
+    fn due(&self, cursor: Cursor) -> impl Future<Output = Result<Batch>> + Send + 'static;
 
     /// Does the expiry index cover every record?
     fn indexed(&self) -> bool;
@@ -118,20 +118,22 @@ pub(crate) fn spawn<S: Sweep>(
                     Step::Retry => continue,
                 }
             }
+            let mut cursor = Cursor::default();
             loop {
                 if *stop.borrow() {
                     return;
                 }
                 let batch = match store.upgrade() {
-                    Some(inner) => inner.due(),
+                    Some(inner) => inner.due(std::mem::take(&mut cursor)),
                     None => return,
                 };
                 match batch.await {
                     Ok(batch) => {
                         pace(batch.took).await;
                         total += batch.report;
-                        if batch.next.is_none() {
-                            break;
+                        match batch.next {
+                            Some(next) => cursor = next,
+                            None => break,
                         }
                     }
                     Err(Error::Closed) => return,
