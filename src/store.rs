@@ -22,7 +22,7 @@ use crate::machine::{self, Claim, Complete, Done, Holder, Release, Retention};
 use crate::namespace::{Space, validate_namespace};
 use crate::record::{Record, State};
 use crate::sled::Open;
-use crate::sled::expiry::Counts;
+use crate::sled::expiry::{Counts, Expiries};
 use crate::sled::flusher::{Flusher, Syncer};
 use crate::sled::keyspace::{cas, decode_at, key_bytes, next_token, remove};
 use crate::sled::open::{
@@ -79,7 +79,8 @@ pub(crate) struct Inner {
     /// the release after a drop), which hold an owned guard.
     state: Arc<RwLock<Option<Open>>>,
     /// Parallel to `Open::trees`; grows only, under the state write lock.
-    spaces: Mutex<Vec<Arc<Space>>>,
+    /// (An `Arc`: a sweep batch reads it once it holds the state lock.)
+    spaces: Arc<Mutex<Vec<Arc<Space>>>>,
     clock: Arc<dyn Clock>,
     retention: Retention,
     max_result_size: usize,
@@ -211,6 +212,9 @@ impl SledIdempotencyStore {
             expiries,
         } = opened;
         let mut expiries = expiries;
+        for name in &names {
+            expiries.add_space(name);
+        }
         let counts = expiries.counts.take();
         let expiries = Arc::new(expiries);
         let indexed = expiries.completeness();
@@ -242,7 +246,7 @@ impl SledIdempotencyStore {
                 token_floor: AtomicU64::new(token_floor),
                 expiries,
             }))),
-            spaces: Mutex::new(spaces),
+            spaces: Arc::new(Mutex::new(spaces)),
             clock: b.clock,
             retention: Retention {
                 done_ms: b.done_retention.map(millis),
@@ -319,6 +323,7 @@ impl SledIdempotencyStore {
             .map_err(Error::storage("creating a namespace"))?;
         let mut spaces = lock(&self.inner.spaces);
         let space = Space::new(spaces.len(), name, self.inner.durability);
+        open.expiries.add_space(name);
         open.trees.push(tree);
         spaces.push(space.clone());
         tracing::debug!(namespace = name, "namespace created");
@@ -414,7 +419,9 @@ impl SledIdempotencyStore {
                             let from = record.as_ref().map(|r| r.state);
                             self.space.stored.moved(from, Some(new.state));
                             let forgotten_at = self.inner.retention.forgotten_at(&new);
-                            open.latch_on(open.expiries.note(&self.space.name, key, forgotten_at))?;
+                            if open.expiries.note(self.space.index, key, forgotten_at) {
+                                open.flusher.flush_soon();
+                            }
                         }
                         (swapped, out, pending)
                     }
@@ -807,7 +814,9 @@ impl Inner {
                         && let Ok(key) = <[u8; 16]>::try_from(key)
                     {
                         let forgotten_at = rules.forgotten_at(record);
-                        noted = open.expiries.note(&space.name, key, forgotten_at);
+                        if open.expiries.note(space.index, key, forgotten_at) {
+                            noted = open.expiries.write();
+                        }
                     }
                 };
                 let (from, end) = (&cursor.from, cursor.end.as_deref());
@@ -877,18 +886,24 @@ impl Inner {
             size,
             removed_tokens,
         } = self.sweep_tools();
-        let spaces = lock(&self.spaces).clone();
+        let spaces = self.spaces.clone();
         async move {
             let guard = state.read_owned().await;
             blocking(move || {
                 let started = Instant::now();
                 let open = guard.as_ref().ok_or(Error::Closed)?;
                 open.flusher.check()?;
+                // Read under the state lock: a namespace created before
+                // this batch began is in it (namespaces grow under the
+                // write lock), and so are the entries its writes noted.
+                let spaces = lock(&spaces).clone();
                 let find = |name: &str| spaces.iter().find(|s| *s.name == *name);
                 let tree = |space: &Space| open.trees.get(space.index);
                 let by_name = |name: &str| find(name).and_then(|s| tree(s)).cloned();
                 let now = clock.now_millis();
-                let batch = (&cursor.from[..], size);
+                // The first batch fixes where this sweep ends.
+                let end = cursor.end.unwrap_or_else(|| Expiries::due_end(now));
+                let batch = (&cursor.from[..], &end[..], size);
                 let due = open
                     .expiries
                     .sweep_due(&by_name, now, rules, batch, &removed_tokens);
@@ -906,7 +921,8 @@ impl Inner {
                     report: due.report,
                     next: due.next.map(|from| sweeper::Cursor {
                         from,
-                        ..sweeper::Cursor::default()
+                        end: Some(end),
+                        count: false,
                     }),
                     took: started.elapsed(),
                 })
@@ -990,7 +1006,9 @@ impl Engine for SledIdempotencyStore {
             let token = open.latch_on(next_token(open))?;
             let record = machine::pending(expires_at, ttl_ms, token, attempts, fingerprint);
             match open.latch_on(cas(tree, &bytes, current.as_deref(), Some(record.encode())))? {
-                Ok(()) => {}
+                // Counted as it lands: a restamp that loses the record to
+                // another writer leaves that writer to count its own move.
+                Ok(()) => self.space.stored.moved(replaced, Some(State::Pending)),
                 Err(found) => {
                     current = found;
                     continue;
@@ -1013,8 +1031,9 @@ impl Engine for SledIdempotencyStore {
                 continue; // expired and taken over while re-stamping: start again
             };
             self.space.pending.claimed(&bytes);
-            self.space.stored.moved(replaced, Some(State::Pending));
-            open.latch_on(open.expiries.note(&self.space.name, bytes, forgotten_at))?;
+            if open.expiries.note(self.space.index, bytes, forgotten_at) {
+                open.flusher.flush_soon();
+            }
             open.flusher.write_completed().await?;
             return Ok(Acquired::Lease {
                 token,

@@ -101,6 +101,33 @@ async fn sweep_walks_every_batch() -> TestResult {
     Ok(())
 }
 
+/// Under `Periodic` with a long period, notes would pile up in memory
+/// until the next flush: once 16,384 wait, the flusher is asked to run
+/// early (never the claiming task itself), and the flush writes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_notes_bring_the_periodic_flush_forward() -> TestResult {
+    let fx = Fixture::new();
+    let store = fx
+        .builder()
+        .durability(Durability::Periodic(Duration::from_secs(3600)))
+        .open()
+        .await?;
+    let before = store.stats().await?.flushes;
+    for n in 0..16_384 {
+        store.try_claim(&id(n), TTL).await?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while store.stats().await?.flushes == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flush within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    store.close().await?;
+    Ok(())
+}
+
 /// After a crash the index may lack the notes of the last writes: the
 /// first sweep reads every record once, batch by batch, removes what is
 /// forgotten and notes the rest, so that later sweeps find every record

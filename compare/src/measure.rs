@@ -535,15 +535,16 @@ fn sweep_of_100k_beside(live: u64) -> Duration {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(1_800_000_000_000);
-    rt.block_on(async {
-        let path = dir.path().join("db");
-        let store = SledIdempotencyStore::builder(&path)
+    let path = dir.path().join("db");
+    let open = || {
+        SledIdempotencyStore::builder(&path)
             .durability(Durability::Periodic(Duration::from_secs(1)))
             .pending_retention(Duration::ZERO)
             .clock(clock.clone())
             .open()
-            .await
-            .expect("open");
+    };
+    rt.block_on(async {
+        let store = open().await.expect("open");
         // The expiring claims spread among the live ones, in key order.
         let every = live / EXPIRING + 1;
         let (mut expiring, mut n) = (0, 0);
@@ -558,13 +559,7 @@ fn sweep_of_100k_beside(live: u64) -> Duration {
             n += 1;
         }
         store.close().await.expect("close");
-        let store = SledIdempotencyStore::builder(&path)
-            .durability(Durability::Periodic(Duration::from_secs(1)))
-            .pending_retention(Duration::ZERO)
-            .clock(clock.clone())
-            .open()
-            .await
-            .expect("reopen");
+        let store = open().await.expect("reopen");
         clock.advance(Duration::from_secs(2));
         let start = Instant::now();
         let report = store.sweep_expired().await.expect("sweep");

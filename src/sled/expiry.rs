@@ -37,7 +37,6 @@
 //! forgotten record of the recovered database is gone after one sweep
 //! (`tests/powerloss.rs`, `tests/crash.rs`).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -55,16 +54,17 @@ use super::sweeper::SweepReport;
 pub(crate) const INDEX_TREE: &str = "sled-idempotency/expiry";
 /// The complete marker, in the metadata tree. Its value is the
 /// `pending_retention` (milliseconds, 8 bytes big endian) the notes were
-/// written under (a longer retention forgets pending records later than
-/// their notes say, so it needs the backstop scan), then the records each
-/// namespace held at the close ([`Counts`]), which stay valid for as long
-/// as the marker does.
+/// written under: a longer retention forgets pending records later than
+/// their notes say, so it needs the backstop scan.
 const COMPLETE_KEY: &str = "expiry_index_complete";
+/// The records each namespace held at the last clean close ([`Counts`]),
+/// in the metadata tree; taken out, like the marker, by every open.
+const COUNTS_KEY: &str = "record_counts";
 /// Width of an index entry's time slot.
 pub(crate) const SLOT_MS: u64 = 1_000;
-/// Most keys in one index entry (16 bytes each): entries stay small, far
-/// below the size at which sled writes a value to a file of its own.
-const MAX_KEYS_PER_ENTRY: usize = 256;
+/// Most keys in one index entry (16 bytes each): entries stay small (sled
+/// splits a leaf at 16 entries and rewrites it whole now and then).
+const MAX_KEYS_PER_ENTRY: usize = 64;
 /// Notes gathered before the writer of the last one writes them itself:
 /// with a long `Periodic` period, notes would otherwise pile up in memory
 /// (40 bytes each) until the next flush.
@@ -82,9 +82,8 @@ pub(crate) struct Counts {
 }
 
 impl Counts {
-    fn encode(&self, pending_ms: u64) -> Vec<u8> {
-        let mut value = pending_ms.to_be_bytes().to_vec();
-        value.push(u8::from(self.exact));
+    fn encode(&self) -> Vec<u8> {
+        let mut value = vec![u8::from(self.exact)];
         for (name, pending, done) in &self.spaces {
             // Namespace names are at most 64 bytes (`validate_namespace`).
             value.push(name.len() as u8);
@@ -95,8 +94,8 @@ impl Counts {
         value
     }
 
-    /// The retention and the counts, or `None` if `value` is not a marker.
-    fn decode(value: &[u8]) -> Option<(u64, Counts)> {
+    /// The counts, or `None` if `value` does not hold them.
+    fn decode(value: &[u8]) -> Option<Counts> {
         fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
             let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
             *rest = tail;
@@ -104,7 +103,6 @@ impl Counts {
         }
         let u64_of = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes);
         let mut rest = value;
-        let pending_ms = u64_of(take(&mut rest, 8)?)?;
         let exact = match take(&mut rest, 1)? {
             [0] => false,
             [1] => true,
@@ -118,14 +116,15 @@ impl Counts {
             let done = u64_of(take(&mut rest, 8)?)?;
             spaces.push((name.to_owned(), pending, done));
         }
-        Some((pending_ms, Counts { exact, spaces }))
+        Some(Counts { exact, spaces })
     }
 }
 
 /// One record write, noted for the index.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Note {
-    space: Arc<str>,
+    /// The namespace's position among this open's namespaces.
+    space: u32,
     key: [u8; 16],
     forgotten_at: u64,
 }
@@ -138,6 +137,11 @@ pub(crate) struct Expiries {
     tree: sled::Tree,
     meta: sled::Tree,
     notes: Mutex<Vec<Note>>,
+    /// Namespace names by position (as `Open::trees`).
+    spaces: Mutex<Vec<Arc<str>>>,
+    /// Held for all of a `write`: once a write returns, every note taken
+    /// by an earlier one is in the index (`seal` relies on it).
+    writing: Mutex<()>,
     /// Shared with the store, which must not hold sled handles (a closed
     /// store lets go of the database while handles live on).
     complete: Arc<AtomicBool>,
@@ -145,14 +149,15 @@ pub(crate) struct Expiries {
     sweeping: Mutex<()>,
     /// The `pending_retention` of this open, recorded with the marker.
     pending_ms: u64,
-    /// The record counts the marker carried (`None`: unknown, after a
-    /// crash); new databases start at exact zeros.
+    /// The record counts the last clean close stored (`None`: unknown,
+    /// after a crash); new databases start at exact zeros.
     pub(crate) counts: Option<Counts>,
 }
 
 impl Expiries {
     /// Opens the index of `db`. `new_database`: nothing was ever stored.
-    /// Takes the complete marker out (see the module's point 3).
+    /// Takes the complete marker and the record counts out (see the
+    /// module's point 3).
     pub(crate) fn open(
         db: &sled::Db,
         meta: &sled::Tree,
@@ -165,22 +170,29 @@ impl Expiries {
         let marker = meta
             .remove(COMPLETE_KEY)
             .map_err(Error::storage("reading the expiry index marker"))?;
-        let (complete, counts) = match marker.as_deref().and_then(Counts::decode) {
-            _ if new_database => (
-                true,
-                Some(Counts {
-                    exact: true,
-                    ..Counts::default()
-                }),
-            ),
-            Some((written_under, counts)) => (written_under >= pending_ms, Some(counts)),
-            None => (false, None),
+        let counts = meta
+            .remove(COUNTS_KEY)
+            .map_err(Error::storage("reading the record counts"))?;
+        let written_under = marker
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        let (complete, counts) = if new_database {
+            let zero = Counts {
+                exact: true,
+                ..Counts::default()
+            };
+            (true, Some(zero))
+        } else {
+            let complete = written_under.is_some_and(|under| under >= pending_ms);
+            (complete, counts.as_deref().and_then(Counts::decode))
         };
         Ok(Self {
             db: db.clone(),
             tree,
             meta: meta.clone(),
             notes: Mutex::new(Vec::new()),
+            spaces: Mutex::new(Vec::new()),
+            writing: Mutex::new(()),
             complete: Arc::new(AtomicBool::new(complete)),
             sweeping: Mutex::new(()),
             pending_ms,
@@ -188,22 +200,25 @@ impl Expiries {
         })
     }
 
-    /// Notes a record just written to `space` under `key`, forgotten at
-    /// `forgotten_at` (`Retention::forgotten_at`). Once every
-    /// [`MAX_NOTES_IN_MEMORY`] notes, writes them (a failure latches the
-    /// store: the caller's write is then not acknowledged).
-    pub(crate) fn note(&self, space: &Arc<str>, key: [u8; 16], forgotten_at: u64) -> Result<()> {
+    /// The namespace at the next position is `name`.
+    pub(crate) fn add_space(&self, name: &str) {
+        lock(&self.spaces).push(name.into());
+    }
+
+    /// Notes a record just written to the namespace at position `space`
+    /// under `key`, forgotten at `forgotten_at`
+    /// (`Retention::forgotten_at`). Returns `true` once
+    /// [`MAX_NOTES_IN_MEMORY`] notes wait: the caller should have them
+    /// written soon (a flush writes them).
+    pub(crate) fn note(&self, space: usize, key: [u8; 16], forgotten_at: u64) -> bool {
         let note = Note {
-            space: space.clone(),
+            space: u32::try_from(space).unwrap_or(u32::MAX),
             key,
             forgotten_at,
         };
-        let full = {
-            let mut notes = lock(&self.notes);
-            notes.push(note);
-            notes.len() >= MAX_NOTES_IN_MEMORY
-        };
-        if full { self.write() } else { Ok(()) }
+        let mut notes = lock(&self.notes);
+        notes.push(note);
+        notes.len() >= MAX_NOTES_IN_MEMORY
     }
 
     /// Does the index cover every record (no backstop scan needed)?
@@ -220,64 +235,82 @@ impl Expiries {
     /// Writes the notes gathered so far as index entries: one per
     /// namespace and time slot (split beyond [`MAX_KEYS_PER_ENTRY`]).
     pub(crate) fn write(&self) -> Result<()> {
-        let notes = std::mem::take(&mut *lock(&self.notes));
+        let _writing = lock(&self.writing);
+        let mut notes = std::mem::take(&mut *lock(&self.notes));
         if notes.is_empty() {
             return Ok(());
         }
-        let mut slots: BTreeMap<(u64, Arc<str>), Vec<[u8; 16]>> = BTreeMap::new();
-        for note in notes {
-            slots
-                .entry((note.forgotten_at / SLOT_MS, note.space))
-                .or_default()
-                .push(note.key);
-        }
-        for ((slot, space), keys) in slots {
-            for keys in keys.chunks(MAX_KEYS_PER_ENTRY) {
+        notes.sort_unstable_by_key(|n| (n.forgotten_at / SLOT_MS, n.space));
+        let spaces = lock(&self.spaces).clone();
+        for group in notes.chunk_by(|a, b| {
+            (a.forgotten_at / SLOT_MS, a.space) == (b.forgotten_at / SLOT_MS, b.space)
+        }) {
+            let Some(first) = group.first() else { continue };
+            let Some(name) = spaces.get(first.space as usize) else {
+                // Cannot happen: a namespace is added before its first write.
+                self.complete.store(false, Ordering::SeqCst);
+                continue;
+            };
+            for chunk in group.chunks(MAX_KEYS_PER_ENTRY) {
                 let seq = self
                     .db
                     .generate_id()
                     .map_err(Error::storage("numbering an expiry index entry"))?;
+                let slot = first.forgotten_at / SLOT_MS;
                 self.tree
-                    .insert(entry_key(slot, seq), encode(&space, keys))
+                    .insert(
+                        entry_key(slot, seq),
+                        encode(name, chunk.iter().map(|n| &n.key)),
+                    )
                     .map_err(Error::storage("writing the expiry index"))?;
             }
         }
         Ok(())
     }
 
-    /// Before the final flush of a close: writes the last notes and, if the
-    /// index covers every record, makes them durable with `sync` (a flush
-    /// and fdatasync) and only then writes the complete marker, so that no
-    /// torn write can keep the marker and lose a note.
+    /// Before the final flush of a close, with no writer left: writes the
+    /// last notes and makes them durable with `sync` (a flush and
+    /// fdatasync); only then writes the record counts and, if the index
+    /// covers every record, the complete marker, so that no torn write can
+    /// keep the marker and lose a note.
     pub(crate) fn seal(&self, counts: &Counts, sync: impl FnOnce() -> Result<()>) -> Result<()> {
         self.write()?;
+        sync()?;
+        self.meta
+            .insert(COUNTS_KEY, counts.encode())
+            .map_err(Error::storage("writing the record counts"))?;
         if self.complete() {
-            sync()?;
             self.meta
-                .insert(COMPLETE_KEY, counts.encode(self.pending_ms))
+                .insert(COMPLETE_KEY, &self.pending_ms.to_be_bytes())
                 .map_err(Error::storage("writing the expiry index marker"))?;
         }
         Ok(())
     }
 
-    /// Sweeps index entries whose time slot has begun at `now`, from the
-    /// entry `from` on (empty: the first), reading at most about `limit`
-    /// notes. `space` finds a namespace's tree by name. Entries it keeps
-    /// (notes forgotten later in the current slot) are passed over: the
-    /// next batch goes on after the last entry read.
+    /// The end (exclusive) of the index entries due at `now`: a sweep
+    /// fixes it when it starts, so that records falling due meanwhile
+    /// cannot keep it running.
+    pub(crate) fn due_end(now: u64) -> Vec<u8> {
+        (now / SLOT_MS).saturating_add(1).to_be_bytes().to_vec()
+    }
+
+    /// Sweeps index entries from `from` (empty: the first) up to `end`
+    /// ([`due_end`](Self::due_end)), reading at most about `limit` notes.
+    /// `space` finds a namespace's tree by name. Entries it keeps (notes
+    /// forgotten later in the current slot) are passed over: the next
+    /// batch goes on after the last entry read.
     pub(crate) fn sweep_due(
         &self,
         space: &dyn Fn(&str) -> Option<sled::Tree>,
         now: u64,
         rules: Retention,
-        (from, limit): (&[u8], usize),
+        (from, end, limit): (&[u8], &[u8], usize),
         removed_tokens: &AtomicU64,
     ) -> Result<Due> {
         let _one_at_a_time = lock(&self.sweeping);
         self.write()?;
         let mut due = Due::default();
-        let end = (now / SLOT_MS).saturating_add(1).to_be_bytes();
-        for entry in self.tree.range(from..&end[..]) {
+        for entry in self.tree.range(from..end) {
             let (entry_key, value) = entry.map_err(Error::storage("reading the expiry index"))?;
             if due.report.examined >= limit as u64 {
                 due.next = Some(entry_key.to_vec());
@@ -293,7 +326,7 @@ impl Expiries {
                 continue;
             };
             let Some(tree) = space(&name) else {
-                self.remove_entry(&entry_key)?;
+                // Not a namespace of this open: leave the entry for later.
                 continue;
             };
             let mut kept = Vec::new();
@@ -324,7 +357,7 @@ impl Expiries {
                 self.remove_entry(&entry_key)?;
             } else {
                 self.tree
-                    .insert(&entry_key, encode(&name, &kept))
+                    .insert(&entry_key, encode(&name, kept.iter()))
                     .map_err(Error::storage("writing the expiry index"))?;
             }
         }
@@ -364,7 +397,7 @@ fn slot_of(entry_key: &[u8]) -> u64 {
 }
 
 /// Version byte, namespace length (1 byte), namespace, keys (16 bytes each).
-fn encode(space: &str, keys: &[[u8; 16]]) -> Vec<u8> {
+fn encode<'a>(space: &str, keys: impl ExactSizeIterator<Item = &'a [u8; 16]>) -> Vec<u8> {
     let mut value = Vec::with_capacity(2 + space.len() + 16 * keys.len());
     value.push(ENTRY_VERSION);
     // Namespace names are at most 64 bytes (`validate_namespace`).
@@ -424,18 +457,21 @@ mod tests {
         let tree = db.open_tree("ns").map_err(Error::storage("test"))?;
         let meta = db.open_tree("meta").map_err(Error::storage("test"))?;
         let index = Expiries::open(&db, &meta, RULES.pending_ms, true)?;
+        index.add_space("ns");
         Ok((db, tree, index))
     }
 
     fn put(ix: &Expiries, tree: &sled::Tree, k: u8, r: &Record) -> Result<()> {
         tree.insert([k; 16], r.encode())
             .map_err(Error::storage("test"))?;
-        ix.note(&Arc::from("ns"), [k; 16], RULES.forgotten_at(r))
+        ix.note(0, [k; 16], RULES.forgotten_at(r));
+        Ok(())
     }
 
     fn sweep(ix: &Expiries, tree: &sled::Tree, now: u64) -> Result<Due> {
         let find = |name: &str| (name == "ns").then(|| tree.clone());
-        ix.sweep_due(&find, now, RULES, (&[], 10_000), &AtomicU64::new(0))
+        let end = Expiries::due_end(now);
+        ix.sweep_due(&find, now, RULES, (&[], &end, 10_000), &AtomicU64::new(0))
     }
 
     #[test]
@@ -444,15 +480,16 @@ mod tests {
             exact: false,
             spaces: vec![("default".into(), 3, 4), ("a.b".into(), u64::MAX, 0)],
         };
-        let value = counts.encode(77);
-        assert_eq!(Counts::decode(&value), Some((77, counts)));
+        let value = counts.encode();
+        assert_eq!(Counts::decode(&value), Some(counts));
         for cut in 0..value.len() {
-            if cut != 9 && cut != 9 + 1 + 7 + 16 {
+            // Whole prefixes: no namespace yet, or only the first.
+            if cut != 1 && cut != 1 + 1 + 7 + 16 {
                 assert_eq!(Counts::decode(&value[..cut]), None, "cut at {cut}");
             }
         }
         let mut bad = value.clone();
-        bad[8] = 2;
+        bad[0] = 2;
         assert_eq!(Counts::decode(&bad), None);
     }
 
@@ -460,10 +497,10 @@ mod tests {
     fn entries_round_trip_and_refuse_garbage() {
         let keys = [[1; 16], [2; 16]];
         assert_eq!(
-            decode(&encode("a.b", &keys)),
+            decode(&encode("a.b", keys.iter())),
             Some(("a.b".into(), keys.to_vec()))
         );
-        let mut cut = encode("a", &keys);
+        let mut cut = encode("a", keys.iter());
         cut.pop();
         assert_eq!(decode(&cut), None);
         assert_eq!(decode(&[ENTRY_VERSION + 1, 0]), None);
@@ -508,7 +545,8 @@ mod tests {
         let find = |name: &str| (name == "ns").then(|| tree.clone());
         let (mut from, mut batches, mut examined) = (Vec::new(), 0, 0);
         loop {
-            let due = ix.sweep_due(&find, 1_500, RULES, (&from, 16), &AtomicU64::new(0))?;
+            let end = Expiries::due_end(1_500);
+            let due = ix.sweep_due(&find, 1_500, RULES, (&from, &end, 16), &AtomicU64::new(0))?;
             (batches, examined) = (batches + 1, examined + due.report.examined);
             match due.next {
                 Some(next) => from = next,
@@ -519,6 +557,22 @@ mod tests {
         assert_eq!(examined, 201, "every note read once");
         assert!(tree.get([255; 16]).map_err(Error::storage("t"))?.is_none());
         assert_eq!(tree.len(), 200);
+        Ok(())
+    }
+
+    /// An entry of a namespace the sweep does not know (one created while
+    /// the batch waited for the store) is left for a later sweep, not
+    /// dropped with its notes.
+    #[test]
+    fn entries_of_an_unknown_namespace_are_kept() -> Result<()> {
+        let (_db, tree, ix) = setup()?;
+        put(&ix, &tree, 1, &record(State::Done, 1_000, 1))?;
+        let unknown = |_: &str| None;
+        let end = Expiries::due_end(2_000);
+        let due = ix.sweep_due(&unknown, 2_000, RULES, (&[], &end, 100), &AtomicU64::new(0))?;
+        assert_eq!(due.report.removed, 0);
+        assert_eq!(ix.tree.len(), 1, "the entry is still there");
+        assert_eq!(sweep(&ix, &tree, 2_000)?.report.removed, 1);
         Ok(())
     }
 
@@ -548,10 +602,22 @@ mod tests {
         ix.seal(&Counts::default(), || Ok(()))?;
         assert!(!Expiries::open(&db, &meta, RULES.pending_ms + 1, false)?.complete());
         let incomplete = Expiries::open(&db, &meta, RULES.pending_ms, false)?;
-        incomplete.seal(&Counts::default(), || Ok(()))?;
-        assert!(
-            !Expiries::open(&db, &meta, RULES.pending_ms, false)?.complete(),
-            "an incomplete index writes no marker"
+        let counts = Counts {
+            exact: true,
+            spaces: vec![("ns".into(), 1, 2)],
+        };
+        incomplete.seal(&counts, || Ok(()))?;
+        let reopened = Expiries::open(&db, &meta, RULES.pending_ms, false)?;
+        assert!(!reopened.complete(), "an incomplete index writes no marker");
+        assert_eq!(
+            reopened.counts,
+            Some(counts),
+            "but the counts of a clean close are kept"
+        );
+        assert_eq!(
+            Expiries::open(&db, &meta, RULES.pending_ms, false)?.counts,
+            None,
+            "and taken out by the open"
         );
         Ok(())
     }

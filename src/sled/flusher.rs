@@ -109,7 +109,6 @@ struct Plan {
     /// Highest epoch some writer waits for.
     wanted: u64,
     /// The periodic thread should flush without waiting out its period.
-    #[cfg(any(test, feature = "fault-injection"))]
     flush_now: bool,
     shutdown: bool,
     /// Writers waiting for the next flush (its group-commit size).
@@ -278,6 +277,17 @@ impl Flusher {
         Ok(())
     }
 
+    /// Has the periodic flush run soon, without waiting out its period
+    /// (many expiry notes wait for it); group commits flush soon anyway.
+    /// Never blocks.
+    pub(crate) fn flush_soon(&self) {
+        if let Durability::Periodic(_) = self.durability {
+            self.shared.plan().flush_now = true;
+            self.shared.dirty.store(true, Ordering::Release);
+            self.shared.wake.notify_one();
+        }
+    }
+
     /// Flushes and fdatasyncs everything written so far on the calling
     /// thread, whatever the mode (for admin writes: an import, a raised
     /// token floor). Blocking. A failure latches the store.
@@ -390,11 +400,7 @@ fn group_commit(shared: &Shared, syncer: &Syncer, fdatasync: bool) {
 fn periodic(shared: &Shared, syncer: &Syncer, period: Duration) {
     let mut plan = shared.plan();
     while !plan.shutdown {
-        #[cfg(any(test, feature = "fault-injection"))]
-        let now = std::mem::take(&mut plan.flush_now);
-        #[cfg(not(any(test, feature = "fault-injection")))]
-        let now = false;
-        if !now {
+        if !std::mem::take(&mut plan.flush_now) {
             plan = shared
                 .wake
                 .wait_timeout(plan, period)

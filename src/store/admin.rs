@@ -482,7 +482,7 @@ impl Admin<'_> {
                     .open_tree(namespace_tree(name))
                     .map_err(Error::storage("creating a namespace in the new database"))?;
                 report.namespaces += 1;
-                let space: std::sync::Arc<str> = name.as_str().into();
+                new.expiries.add_space(name);
                 let (mut pending, mut done) = (0, 0);
                 for entry in from.iter() {
                     let (key, value) = entry.map_err(Error::storage("reading records"))?;
@@ -493,7 +493,9 @@ impl Admin<'_> {
                         Ok(r) => {
                             let keep = !machine::sweepable(&r, now, rules);
                             if keep && let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
-                                new.expiries.note(&space, key, rules.forgotten_at(&r))?;
+                                if new.expiries.note(index, key, rules.forgotten_at(&r)) {
+                                    new.expiries.write()?;
+                                }
                                 match r.state {
                                     State::Pending => pending += 1,
                                     State::Done => done += 1,

@@ -70,13 +70,14 @@ pub fn id(n: u128) -> MessageId {
 
 /// Does to a closed database what a crash can do to its expiry index: the
 /// notes of the last writes never reach the index, and no clean close
-/// leaves the marker that says the index is complete. The next open must
-/// fall back on its one full scan.
+/// leaves the marker that says the index is complete, nor the record
+/// counts. The next open must fall back on its one full scan.
 pub fn forget_expiry_index(path: &Path) -> sled::Result<()> {
     let db = sled::open(path)?;
     db.drop_tree("sled-idempotency/expiry")?;
-    db.open_tree("sled-idempotency/meta")?
-        .remove("expiry_index_complete")?;
+    let meta = db.open_tree("sled-idempotency/meta")?;
+    meta.remove("expiry_index_complete")?;
+    meta.remove("record_counts")?;
     db.flush()?;
     drop(db);
     wait_for_sled_to_let_go(path);

@@ -438,7 +438,9 @@ fn write_one(
                 let was = current.as_deref().and_then(|v| Record::decode(v).ok());
                 (handle.space.stored).moved(was.map(|w| w.state), Some(r.record.state));
                 let forgotten_at = handle.inner.retention.forgotten_at(&r.record);
-                open.latch_on(open.expiries.note(&handle.space.name, r.key, forgotten_at))?;
+                if open.expiries.note(handle.space.index, r.key, forgotten_at) {
+                    open.latch_on(open.expiries.write())?;
+                }
                 if replacing {
                     report.replaced += 1;
                 } else {
