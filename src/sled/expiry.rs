@@ -5,8 +5,9 @@
 //! inserts per claim ran at ≈ 0.3× of one). Instead, every write of a record
 //! leaves an in-memory *note* (namespace, key, the instant the record is
 //! forgotten), and the notes gathered since the last time are written as a
-//! few index entries at once: by every flush (group commit or periodic),
-//! before sled is flushed, and by every sweep. An entry's key is the second
+//! few index entries at once, before sled is flushed: by every periodic
+//! flush, by a group commit once 1,024 notes wait, by every sweep and by
+//! the close. An entry's key is the second
 //! in which its records are forgotten (big endian, so entries sort by time)
 //! and a unique sequence number; its value lists the keys. A sweep reads
 //! only the entries whose second has begun, so its cost grows with what it
@@ -69,6 +70,9 @@ const MAX_KEYS_PER_ENTRY: usize = 64;
 /// with a long `Periodic` period, notes would otherwise pile up in memory
 /// (40 bytes each) until the next flush.
 const MAX_NOTES_IN_MEMORY: usize = 16_384;
+/// Notes a group commit waits for before it writes them: a lone `Sync`
+/// writer would otherwise pay an index insert with every claim.
+const MANY_NOTES: usize = 1_024;
 /// Version byte of an entry's value.
 const ENTRY_VERSION: u8 = 1;
 
@@ -230,6 +234,14 @@ impl Expiries {
     /// noted every record it kept sets it.
     pub(crate) fn completeness(&self) -> Arc<AtomicBool> {
         self.complete.clone()
+    }
+
+    /// [`write`](Self::write)s once [`MANY_NOTES`] or more wait.
+    pub(crate) fn write_if_many(&self) -> Result<()> {
+        if lock(&self.notes).len() >= MANY_NOTES {
+            self.write()?;
+        }
+        Ok(())
     }
 
     /// Writes the notes gathered so far as index entries: one per

@@ -74,6 +74,19 @@ impl Syncer {
     /// One flush of everything written so far, the expiry notes gathered
     /// so far first.
     pub(crate) fn flush(&self, fdatasync: bool) -> Result<()> {
+        self.expiries.write()?;
+        self.flush_only(fdatasync)
+    }
+
+    /// A group commit: writes the expiry notes only once many wait, so a
+    /// lone writer's claim does not pay an index insert per flush (the
+    /// notes reach the index with a later flush, a sweep or the close).
+    fn group_flush(&self, fdatasync: bool) -> Result<()> {
+        self.expiries.write_if_many()?;
+        self.flush_only(fdatasync)
+    }
+
+    fn flush_only(&self, fdatasync: bool) -> Result<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         #[cfg(any(test, feature = "fault-injection"))]
         {
@@ -89,7 +102,6 @@ impl Syncer {
                 None => {}
             }
         }
-        self.expiries.write()?;
         self.db
             .flush()
             .map_err(Error::storage("flushing the database"))?;
@@ -390,7 +402,7 @@ fn group_commit(shared: &Shared, syncer: &Syncer, fdatasync: bool) {
                 .record(std::mem::take(&mut plan.waiting) as f64);
             plan.next - 1
         };
-        match syncer.flush(fdatasync) {
+        match syncer.group_flush(fdatasync) {
             Ok(()) => shared.progress.send_modify(|p| p.durable = epoch),
             Err(e) => return shared.fail(&e.to_string()),
         }
