@@ -604,7 +604,11 @@ pub fn scale(settings: &Settings) -> String {
     let claims: u64 = std::env::var("SOAK_CLAIMS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if settings.big < 1_000_000 { 2_000_000 } else { 50_000_000 });
+        .unwrap_or(if settings.big < 1_000_000 {
+            2_000_000
+        } else {
+            50_000_000
+        });
     out.push_str(&soak(claims, settings.big / 5));
     out
 }
@@ -646,7 +650,10 @@ fn soak(claims: u64, live: u64) -> String {
             }
         }
         store.close().await.expect("close");
-        assert!(swept + live >= claims, "the sweeps kept up: {swept} removed");
+        assert!(
+            swept + live >= claims,
+            "the sweeps kept up: {swept} removed"
+        );
         rows
     });
     let mut out = format!(
