@@ -121,16 +121,33 @@ async fn republish(bus: &EventBus, event: &OrderPlaced) -> Result<(), String> {
     }
 }
 
-/// Publishes a fresh sentinel and waits until it is handled: with one
+/// Publishes a fresh sentinel and waits until it is handled and marked
+/// done (the bus marks it done after the handler returns): with one
 /// message at a time in stream order, everything published before it has
 /// been handled (or skipped) by then.
-async fn drain(bus: &EventBus, handled: &Handled, order: u32) -> Result<(), String> {
+async fn drain(
+    bus: &EventBus,
+    store: &SledIdempotencyStore,
+    handled: &Handled,
+    order: u32,
+) -> Result<(), String> {
     let sentinel = OrderPlaced {
         id: MessageId::new(),
         order,
     };
     bus.publish(&sentinel).await.map_err(|e| e.to_string())?;
-    handled.wait_for(&sentinel.id).await
+    handled.wait_for(&sentinel.id).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let record = store.get(&sentinel.id).await.map_err(|e| e.to_string())?;
+        if record.is_some_and(|r| r.state == sled_idempotency::State::Done) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{} was not marked done within 30 s", sentinel.id));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The whole scenario against the server at `url`, with the store at
@@ -155,11 +172,11 @@ pub async fn run(url: &str, db: PathBuf) -> Result<bool, String> {
     for event in &events {
         first.publish(event).await.map_err(|e| e.to_string())?;
     }
-    drain(&first, &handled, 1000).await?;
+    drain(&first, &store, &handled, 1000).await?;
     for event in &events {
         republish(&first, event).await?;
     }
-    drain(&first, &handled, 1001).await?;
+    drain(&first, &store, &handled, 1001).await?;
     println!("published 20 orders, then each again past the duplicate window");
 
     // Restart: the consumer goes, the store is closed and reopened.
@@ -177,7 +194,7 @@ pub async fn run(url: &str, db: PathBuf) -> Result<bool, String> {
     for event in &events {
         republish(&second, event).await?;
     }
-    drain(&second, &handled, 1002).await?;
+    drain(&second, &store, &handled, 1002).await?;
     println!("restarted the consumer, published each order a third time");
 
     let stats = store.stats().await.map_err(|e| e.to_string())?;
