@@ -2,7 +2,7 @@
 //! reading every record.
 //!
 //! A separate index insert per claim would cost what SPEC §3 measured (two
-//! inserts per claim ran at ≈ 0.3× of one). Instead, every write of a record
+//! inserts per claim ran at ≈ 0.2–0.3× of one). Instead, every write of a record
 //! leaves an in-memory *note* (namespace, key, the instant the record is
 //! forgotten), and the notes gathered since the last time are written as a
 //! few index entries at once, before sled is flushed: by every periodic
@@ -28,9 +28,9 @@
 //!    record in this database has its note in the index": `close` (and the
 //!    release after a drop) writes it once the last notes are flushed and
 //!    fdatasync'ed, before the final flush; `open` takes it out and makes
-//!    the removal durable before any write. Without the marker (a crash, a database
-//!    written by an older format, a compaction's copy, a longer
-//!    `pending_retention` than the marker was written under) the first
+//!    the removal durable before any write. Without the marker (a crash, a
+//!    database written by an older format, a longer `pending_retention`
+//!    than the marker was written under) the first
 //!    sweep reads every record once — the full scan, the backstop — noting
 //!    each one it keeps, and the index is complete again.
 //!
