@@ -46,8 +46,8 @@ pub use record::{
 pub use stats::Stats;
 pub use store::SledIdempotencyStore;
 pub use store::admin::{
-    ATTEMPTS_BUCKETS, Admin, Census, CompactReport, ListFilter, OnProgress, Problem, VerifyReport,
-    allocated,
+    ATTEMPTS_BUCKETS, Admin, Census, CompactReport, IndexSize, ListFilter, OnProgress, Problem,
+    VerifyReport, allocated,
 };
 #[cfg(feature = "admin")]
 pub use store::admin::{

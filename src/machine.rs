@@ -136,6 +136,20 @@ impl Retention {
         }
     }
 
+    /// The next instant at which a sweep must look at `record`, at `now`:
+    /// its expiry while it is live, then the instant it is forgotten. A
+    /// write notes its record at its expiry, so the note of a claim that
+    /// ends (done, released) lives for the claim's ttl, not for its ttl plus
+    /// `pending_ms`; a sweep that finds the claim expired and still
+    /// remembered notes it again at [`forgotten_at`](Self::forgotten_at).
+    pub fn due_at(&self, record: &Record, now: u64) -> u64 {
+        if now < record.expires_at {
+            record.expires_at
+        } else {
+            self.forgotten_at(record)
+        }
+    }
+
     fn done_record(&self, claimed: &Record, now: u64, result: Option<&[u8]>) -> Record {
         Record {
             state: State::Done,

@@ -29,13 +29,20 @@ pub(crate) struct Space {
 }
 
 impl Space {
-    pub(crate) fn new(index: usize, name: &str, durability: Durability) -> Arc<Space> {
+    /// `stored`: the records it holds (pending, done), or `None` when
+    /// they are unknown and must be counted.
+    pub(crate) fn new(
+        index: usize,
+        name: &str,
+        durability: Durability,
+        stored: Option<(u64, u64)>,
+    ) -> Arc<Space> {
         Arc::new(Space {
             index,
             name: name.into(),
             counters: Counters::new(name, durability),
             pending: PendingIndex::default(),
-            stored: Stored::default(),
+            stored: Stored::new(stored),
         })
     }
 }

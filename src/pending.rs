@@ -9,10 +9,11 @@
 //! key's claim ended while the index was being built), never miss one:
 //!
 //! - A claim inserts its key *after* its compare-and-swap landed.
-//! - A write that ended a claim removes the key only after reading the
-//!   record again under the index lock, and only if it is not pending then.
-//!   A claim that landed meanwhile inserts under the same lock afterwards,
-//!   or was already visible to that read.
+//! - A write that ended a claim reads the record again, with no lock held,
+//!   and removes the key only if it is not pending then and no claim of
+//!   that key was indexed since the read began: each indexed claim stamps
+//!   its key with a fresh number under the index lock, and the removal
+//!   compares the stamp it saw before the read with the one there now.
 //! - The builder turns tracking on (with a fence) *before* it scans: a
 //!   writer that saw tracking off wrote before the fence, so the scan sees
 //!   its write.
@@ -20,9 +21,9 @@
 //! `list` reads each candidate's record and drops the stale ones the same
 //! way, so the index answers exactly what a full scan would.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
@@ -36,8 +37,11 @@ pub(crate) struct PendingIndex {
     tracking: AtomicBool,
     /// `keys` holds every pending key (and maybe stale ones).
     ready: AtomicBool,
-    /// `None` until tracking starts.
-    keys: Mutex<Option<BTreeSet<Key>>>,
+    /// `None` until tracking starts. Each key with the stamp of the claim
+    /// that indexed it last.
+    keys: Mutex<Option<BTreeMap<Key, u64>>>,
+    /// Stamps for indexed claims.
+    stamps: AtomicU64,
     /// Held while building, so that a second `list` waits for the first.
     build: Mutex<()>,
 }
@@ -72,7 +76,7 @@ impl PendingIndex {
         if self.tracking()
             && let Some(keys) = lock(&self.keys).as_mut()
         {
-            keys.insert(*key);
+            keys.insert(*key, self.stamps.fetch_add(1, Ordering::Relaxed));
         }
     }
 
@@ -81,12 +85,17 @@ impl PendingIndex {
         if !self.tracking() {
             return;
         }
+        let Some(stamp) = lock(&self.keys).as_ref().and_then(|m| m.get(key).copied()) else {
+            return;
+        };
+        if may_be_pending(tree, key) {
+            return;
+        }
         let mut keys = lock(&self.keys);
-        if let Some(set) = keys.as_mut()
-            && set.contains(key)
-            && !may_be_pending(tree, key)
+        if let Some(map) = keys.as_mut()
+            && map.get(key) == Some(&stamp)
         {
-            set.remove(key);
+            map.remove(key);
         }
     }
 
@@ -115,7 +124,7 @@ impl PendingIndex {
                     Some(after) => set.range((Bound::Excluded(after), Bound::Unbounded)),
                     None => set.range::<Key, _>(..),
                 };
-                range.take(256).copied().collect()
+                range.take(256).map(|(key, _)| *key).collect()
             };
             let Some(last) = batch.last() else {
                 return Ok(());
@@ -150,16 +159,16 @@ impl PendingIndex {
         if self.ready.load(Ordering::SeqCst) {
             return Ok(()); // built while this call waited
         }
-        *lock(&self.keys) = Some(BTreeSet::new());
+        *lock(&self.keys) = Some(BTreeMap::new());
         self.tracking.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let mut found = BTreeSet::new();
+        let mut found = BTreeMap::new();
         for entry in tree.iter() {
             let (key, value) = entry.map_err(Error::storage("building the pending index"))?;
             if let (Ok(key), Ok(record)) = (Key::try_from(key.as_ref()), Record::decode(&value))
                 && record.state == State::Pending
             {
-                found.insert(key);
+                found.insert(key, self.stamps.fetch_add(1, Ordering::Relaxed));
             }
         }
         // Claims that landed during the scan inserted their keys already;

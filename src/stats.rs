@@ -1,7 +1,9 @@
 //! Counters since open, per namespace, and (feature `metrics`) the same
 //! counts reported through the `metrics` facade.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::record::State;
 
@@ -33,12 +35,13 @@ pub struct Stats {
     pub records_pending: u64,
     /// Done records stored now, as `records_pending`.
     pub records_done: u64,
-    /// Are `records_pending` and `records_done` exact? They are when every
-    /// open since the database was created followed a clean close (or a
-    /// drop). After a crash the first sweep recounts them with its full
-    /// scan while writers go on, so they become estimates (writes that land
-    /// during that scan may be counted twice or missed), and stay labelled
-    /// so.
+    /// Are `records_pending` and `records_done` exact? They are, except
+    /// after an open that did not follow a clean close (a crash): then they
+    /// count only part of the namespace until the sweeper's first full scan
+    /// has counted every stored record (it runs one `sweep_interval` after
+    /// open, or at a `sweep_expired()` call), while writers go on; from
+    /// then on they are exact again. A close before that scan finished
+    /// stores no counts, and the next open counts again.
     pub records_exact: bool,
     /// Flushes run by the group-commit flusher (whole database).
     pub flushes: u64,
@@ -60,13 +63,75 @@ pub(crate) enum Count {
 
 /// Records stored in one namespace, by state: moved by every write that
 /// changes what a key holds, so that no scan is needed to know them.
-#[derive(Debug, Default)]
+///
+/// After a crash the counts are unknown: they start at zero and a counting
+/// scan (the sweeper's first full scan) counts the stored records, while
+/// writers go on. To count every key once, the scan and the writers split
+/// the keyspace: the scan counts the keys in `(passed, end]` — `end` is the
+/// last key when the counting began, `passed` the last key it counted — and
+/// a writer moves the counts only for a key outside that span, which the
+/// scan has counted or will never read. A writer holds [`Stored::pass`]
+/// from before its write until it has moved the counts; the scan holds the
+/// span for writing while it reads and counts a batch, so no write lands
+/// between the scan's read of a key and its moving of `passed`. An
+/// interrupted scan leaves the span where it was: the next one goes on
+/// counting only the keys after `passed`. A close before the count
+/// finishes stores no counts, and the next open counts again.
+#[derive(Debug)]
 pub(crate) struct Stored {
     pending: AtomicI64,
     done: AtomicI64,
+    /// A recount has not finished: writers consult `span`.
+    recounting: AtomicBool,
+    span: RwLock<Recount>,
 }
 
+/// Where a recount stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Recount {
+    /// No counting batch ran yet: every stored key will be read by the scan.
+    NotBegun,
+    /// The scan counts the keys in `(passed, end]` (an empty `passed` is
+    /// before every key); writers count the others.
+    Counting { passed: Vec<u8>, end: Vec<u8> },
+    /// The counts are exact.
+    Finished,
+}
+
+impl Recount {
+    /// Does a write of `key` move the counts now?
+    fn writer_counts(&self, key: &[u8]) -> bool {
+        match self {
+            Recount::NotBegun => false,
+            Recount::Counting { passed, end } => key <= &passed[..] || key > &end[..],
+            Recount::Finished => true,
+        }
+    }
+}
+
+/// What a writer holds while it writes a key and moves the counts.
+pub(crate) type Pass<'a> = Option<RwLockReadGuard<'a, Recount>>;
+
 impl Stored {
+    /// Exact counts (`pending`, `done`), or unknown ones (`None`) that a
+    /// counting scan must count.
+    pub(crate) fn new(counts: Option<(u64, u64)>) -> Self {
+        let stored = Stored {
+            pending: AtomicI64::new(0),
+            done: AtomicI64::new(0),
+            recounting: AtomicBool::new(counts.is_none()),
+            span: RwLock::new(match counts {
+                Some(_) => Recount::Finished,
+                None => Recount::NotBegun,
+            }),
+        };
+        if let Some((pending, done)) = counts {
+            stored.add(State::Pending, pending);
+            stored.add(State::Done, done);
+        }
+        stored
+    }
+
     fn of(&self, state: State) -> &AtomicI64 {
         match state {
             State::Pending => &self.pending,
@@ -74,9 +139,38 @@ impl Stored {
         }
     }
 
-    /// A key went from holding `from` to holding `to` (`None`: absent).
-    pub(crate) fn moved(&self, from: Option<State>, to: Option<State>) {
-        if from == to {
+    /// Are the counts still being counted (after a crash)?
+    pub(crate) fn recounting(&self) -> bool {
+        self.recounting.load(SeqCst)
+    }
+
+    /// What a writer holds from before its write until it has moved the
+    /// counts: nothing once the counts are exact (one atomic load).
+    pub(crate) async fn pass(&self) -> Pass<'_> {
+        match self.recounting() {
+            true => Some(self.span.read().await),
+            false => None,
+        }
+    }
+
+    /// [`pass`](Self::pass), on a blocking thread.
+    pub(crate) fn pass_blocking(&self) -> Pass<'_> {
+        match self.recounting() {
+            true => Some(self.span.blocking_read()),
+            false => None,
+        }
+    }
+
+    /// `key` went from holding `from` to holding `to` (`None`: absent),
+    /// written while holding `pass`.
+    pub(crate) fn moved(
+        &self,
+        pass: &Pass<'_>,
+        key: &[u8],
+        from: Option<State>,
+        to: Option<State>,
+    ) {
+        if from == to || pass.as_ref().is_some_and(|span| !span.writer_counts(key)) {
             return;
         }
         if let Some(state) = from {
@@ -87,14 +181,62 @@ impl Stored {
         }
     }
 
-    /// `n` more records in `state` (a recount).
-    pub(crate) fn add(&self, state: State, n: u64) {
+    /// For a counting batch, on a blocking thread: the span, held until the
+    /// batch has counted; `None` when the counts are exact.
+    pub(crate) fn counting(&self) -> Option<RwLockWriteGuard<'_, Recount>> {
+        if !self.recounting() {
+            return None;
+        }
+        let span = self.span.blocking_write();
+        (*span != Recount::Finished).then_some(span)
+    }
+
+    /// The counting batch holding `span` read `key` holding `state`
+    /// (`None`: it removed the record it read, or the value did not
+    /// decode): counts it if the scan has not yet.
+    pub(crate) fn counted(
+        &self,
+        span: &Recount,
+        key: &[u8],
+        state: Option<State>,
+        removed: Option<State>,
+    ) {
+        let Recount::Counting { passed, .. } = span else {
+            return;
+        };
+        if key > &passed[..] {
+            if let Some(state) = state {
+                self.add(state, 1);
+            }
+        } else if let Some(state) = removed {
+            self.of(state).fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// The counting batch holding `span` has counted up to `last`
+    /// (inclusive), or to the end of its span (`last` is `None`); returns
+    /// whether the counts are exact now.
+    pub(crate) fn passed(&self, span: &mut Recount, last: Option<&[u8]>) -> bool {
+        if let (Recount::Counting { passed, end }, Some(last)) = (&mut *span, last)
+            && last < &end[..]
+        {
+            if last > &passed[..] {
+                *passed = last.to_vec();
+            }
+            return false;
+        }
+        *span = Recount::Finished;
+        self.recounting.store(false, SeqCst);
+        true
+    }
+
+    fn add(&self, state: State, n: u64) {
         self.of(state)
             .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Relaxed);
     }
 
-    /// Pending and done records (an estimate can dip below zero while a
-    /// recount runs: shown as zero).
+    /// Pending and done records (while a recount runs they count only
+    /// part of the keyspace; never below zero).
     pub(crate) fn get(&self) -> (u64, u64) {
         let get = |a: &AtomicI64| u64::try_from(a.load(Relaxed)).unwrap_or(0);
         (get(&self.pending), get(&self.done))

@@ -22,7 +22,7 @@ use crate::machine::{self, Claim, Complete, Done, Holder, Release, Retention};
 use crate::namespace::{Space, validate_namespace};
 use crate::record::{Record, State};
 use crate::sled::Open;
-use crate::sled::expiry::{Counts, Expiries};
+use crate::sled::expiry::{Completeness, Counts, Expiries};
 use crate::sled::flusher::{Flusher, Syncer};
 use crate::sled::keyspace::{cas, decode_at, key_bytes, next_token, remove};
 use crate::sled::open::{
@@ -30,7 +30,7 @@ use crate::sled::open::{
     wait_until_released,
 };
 use crate::sled::sweeper::{self, SweepReport};
-use crate::stats::{Count, Counters, Stats};
+use crate::stats::{Count, Counters, Recount, Stats};
 
 pub(crate) mod admin;
 
@@ -102,12 +102,8 @@ pub(crate) struct Inner {
     /// The format version the database had before this open.
     pub(crate) format_found: Option<u32>,
     /// Does the expiry index cover every record? (`Expiries::complete`;
-    /// set by a full scan.)
-    indexed: Arc<AtomicBool>,
-    /// Are the namespaces' record counts exact (`Stats::records_exact`)?
-    records_exact: AtomicBool,
-    /// The record counts are unknown (a crash): the next full scan counts.
-    recount: AtomicBool,
+    /// marked by a full scan.)
+    indexed: Arc<Completeness>,
 }
 
 /// How a `close` ended, kept for every other `close` call.
@@ -223,17 +219,20 @@ impl SledIdempotencyStore {
             b.durability,
             b.durability_timeout,
         )?;
+        // Counts stored by a clean close are exact; a namespace they do not
+        // list held nothing then. Estimates (stored by an older version)
+        // or none at all (a crash): count again.
+        let exact = counts.filter(|c| c.exact);
+        let stored_in = |name: &str| {
+            let counts = exact.as_ref()?;
+            let listed = counts.spaces.iter().find(|(n, ..)| n == name);
+            Some(listed.map_or((0, 0), |(_, pending, done)| (*pending, *done)))
+        };
         let spaces: Vec<Arc<Space>> = names
             .iter()
             .enumerate()
-            .map(|(index, name)| Space::new(index, name, b.durability))
+            .map(|(index, name)| Space::new(index, name, b.durability, stored_in(name)))
             .collect();
-        for (name, pending, done) in counts.iter().flat_map(|c| &c.spaces) {
-            if let Some(space) = spaces.iter().find(|s| *s.name == **name) {
-                space.stored.add(State::Pending, *pending);
-                space.stored.add(State::Done, *done);
-            }
-        }
         let default = spaces[0].clone();
         let (stop, stop_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
@@ -266,8 +265,6 @@ impl SledIdempotencyStore {
             format_found,
             durability: b.durability,
             indexed,
-            records_exact: AtomicBool::new(counts.as_ref().is_some_and(|c| c.exact)),
-            recount: AtomicBool::new(counts.is_none()),
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
         *lock(&inner.sweeper) = Some(task);
@@ -322,7 +319,7 @@ impl SledIdempotencyStore {
             .open_tree(namespace_tree(name))
             .map_err(Error::storage("creating a namespace"))?;
         let mut spaces = lock(&self.inner.spaces);
-        let space = Space::new(spaces.len(), name, self.inner.durability);
+        let space = Space::new(spaces.len(), name, self.inner.durability, Some((0, 0)));
         open.expiries.add_space(name);
         open.trees.push(tree);
         spaces.push(space.clone());
@@ -405,39 +402,41 @@ impl SledIdempotencyStore {
         open.flusher.check()?;
         let tree = self.tree(open)?;
         let key = key_bytes(key);
+        let stored = &self.space.stored;
+        let pass = stored.pass().await;
         let mut current = tree.get(key).map_err(Error::storage("reading a record"))?;
         let out = loop {
             let record = decode_at(&key, current.as_deref())?;
-            let (swapped, out, still_pending) =
-                match decide(record.as_ref(), self.inner.clock.now_millis())? {
-                    Step::Keep(out) => break out,
-                    Step::Put(new, out) => {
-                        let pending = new.state == State::Pending;
-                        let bytes = Some(new.encode());
-                        let swapped = open.latch_on(cas(tree, &key, current.as_deref(), bytes))?;
-                        if swapped.is_ok() {
-                            let from = record.as_ref().map(|r| r.state);
-                            self.space.stored.moved(from, Some(new.state));
-                            let forgotten_at = self.inner.retention.forgotten_at(&new);
-                            if open.expiries.note(self.space.index, key, forgotten_at) {
-                                open.flusher.flush_soon();
-                            }
+            let now = self.inner.clock.now_millis();
+            let (swapped, out, still_pending) = match decide(record.as_ref(), now)? {
+                Step::Keep(out) => break out,
+                Step::Put(new, out) => {
+                    let pending = new.state == State::Pending;
+                    let bytes = Some(new.encode());
+                    let swapped = open.latch_on(cas(tree, &key, current.as_deref(), bytes))?;
+                    if swapped.is_ok() {
+                        let from = record.as_ref().map(|r| r.state);
+                        stored.moved(&pass, &key, from, Some(new.state));
+                        let due = self.inner.retention.due_at(&new, now);
+                        if open.expiries.note(self.space.index, key, due) {
+                            open.flusher.flush_soon();
                         }
-                        (swapped, out, pending)
                     }
-                    Step::Remove(out) => match (current.as_deref(), &record) {
-                        (Some(old), Some(r)) => {
-                            let removed_tokens = &self.inner.removed_tokens;
-                            let removed =
-                                open.latch_on(remove(tree, &key, old, r.token, removed_tokens))?;
-                            if removed.is_ok() {
-                                self.space.stored.moved(Some(r.state), None);
-                            }
-                            (removed, out, false)
+                    (swapped, out, pending)
+                }
+                Step::Remove(out) => match (current.as_deref(), &record) {
+                    (Some(old), Some(r)) => {
+                        let removed_tokens = &self.inner.removed_tokens;
+                        let removed =
+                            open.latch_on(remove(tree, &key, old, r.token, removed_tokens))?;
+                        if removed.is_ok() {
+                            stored.moved(&pass, &key, Some(r.state), None);
                         }
-                        _ => break out, // nothing stored: nothing to remove
-                    },
-                };
+                        (removed, out, false)
+                    }
+                    _ => break out, // nothing stored: nothing to remove
+                },
+            };
             match swapped {
                 Ok(()) => {
                     if !still_pending {
@@ -448,6 +447,7 @@ impl SledIdempotencyStore {
                 Err(found) => current = found,
             }
         };
+        drop(pass);
         open.flusher.write_completed().await?;
         Ok(out)
     }
@@ -534,7 +534,7 @@ impl SledIdempotencyStore {
         Ok(Stats {
             records_pending,
             records_done,
-            records_exact: self.inner.records_exact.load(Ordering::SeqCst),
+            records_exact: !self.space.stored.recounting(),
             flushes,
             ..self.space.counters.snapshot()
         })
@@ -554,7 +554,7 @@ impl SledIdempotencyStore {
     /// (the backstop that re-indexes what a crash left unindexed).
     pub async fn sweep_expired(&self) -> Result<SweepReport> {
         let mut total = SweepReport::default();
-        if !self.inner.indexed.load(Ordering::SeqCst) {
+        if self.inner.needs_scan() {
             total += self.sweep_all(None, true).await?;
         }
         let mut cursor = sweeper::Cursor::default();
@@ -580,9 +580,9 @@ impl SledIdempotencyStore {
     ) -> Result<SweepReport> {
         let mut total = SweepReport::default();
         let mut index = 0;
-        let count = self.inner.take_recount();
+        let epoch = self.inner.indexed.epoch();
         while let Some(space) = self.inner.space_at(index) {
-            let mut cursor = sweeper::Cursor::start(count);
+            let mut cursor = sweeper::Cursor::default();
             loop {
                 let batch = self.inner.sweep_batch(space.clone(), cursor).await?;
                 total += batch.report;
@@ -597,7 +597,7 @@ impl SledIdempotencyStore {
             }
             index += 1;
         }
-        self.inner.indexed.store(true, Ordering::SeqCst);
+        self.inner.indexed.mark_complete(epoch);
         Ok(total)
     }
 
@@ -672,11 +672,10 @@ impl Drop for Inner {
         let path = self.path.clone();
         let released = Released(self.canonical.clone());
         let spaces = lock(&self.spaces).clone();
-        let exact = self.records_exact.load(Ordering::SeqCst);
         let release = move || {
             let _released = released; // deregisters even if sled panics
             if let Some(open) = state.blocking_write().take()
-                && let Err(e) = release(open, &path, &counts_of(&spaces, exact))
+                && let Err(e) = release(open, &path, counts_of(&spaces).as_ref())
             {
                 tracing::error!(error = %e, "final flush after the last handle was dropped failed");
             }
@@ -691,15 +690,21 @@ impl Drop for Inner {
     }
 }
 
-fn counts_of(spaces: &[Arc<Space>], exact: bool) -> Counts {
-    let spaces = spaces
-        .iter()
-        .map(|s| {
-            let (pending, done) = s.stored.get();
-            (s.name.to_string(), pending, done)
-        })
-        .collect();
-    Counts { exact, spaces }
+/// The records each namespace stores, for a close to keep: `None` while a
+/// recount has not finished (the next open counts again).
+fn counts_of(spaces: &[Arc<Space>]) -> Option<Counts> {
+    let mut counts = Counts {
+        exact: true,
+        spaces: Vec::with_capacity(spaces.len()),
+    };
+    for space in spaces {
+        if space.stored.recounting() {
+            return None;
+        }
+        let (pending, done) = space.stored.get();
+        counts.spaces.push((space.name.to_string(), pending, done));
+    }
+    Some(counts)
 }
 
 /// Deregisters a database from `RELEASING` when dropped.
@@ -712,17 +717,16 @@ impl Drop for Released {
 }
 
 impl Inner {
-    fn take_recount(&self) -> bool {
-        self.recount.swap(false, Ordering::SeqCst)
+    /// Must a full scan run: is the expiry index incomplete, or a
+    /// namespace's record count unfinished?
+    fn needs_scan(&self) -> bool {
+        !self.indexed.get() || lock(&self.spaces).iter().any(|s| s.stored.recounting())
     }
 
     /// The records each namespace stores, for the marker of a close.
     /// Called once no writer is left.
-    fn counts(&self) -> Counts {
-        counts_of(
-            &lock(&self.spaces),
-            self.records_exact.load(Ordering::SeqCst),
-        )
+    fn counts(&self) -> Option<Counts> {
+        counts_of(&lock(&self.spaces))
     }
 
     fn find_space(&self, name: &str) -> Option<Arc<Space>> {
@@ -750,7 +754,7 @@ impl Inner {
             return Ok(());
         };
         let (path, counts) = (self.path.clone(), self.counts());
-        let release = tokio::task::spawn_blocking(move || release(open, &path, &counts));
+        let release = tokio::task::spawn_blocking(move || release(open, &path, counts.as_ref()));
         match tokio::time::timeout(self.durability_timeout + LOCK_RELEASE_WAIT, release).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => Err(Error::PreviousIo {
@@ -790,14 +794,35 @@ impl Inner {
                     next: None,
                     took: started.elapsed(),
                 };
-                if cursor.end.is_none() {
+                // A batch of a count after a crash holds the count's span
+                // while it reads and counts (see `Stored`).
+                let mut counting = space.stored.counting();
+                if let Some(span) = counting.as_deref_mut()
+                    && *span == Recount::NotBegun
+                {
+                    // The first counting batch: the count ends at the last key.
+                    *span = match last_key(tree)? {
+                        Some(end) => Recount::Counting {
+                            passed: Vec::new(),
+                            end,
+                        },
+                        None => Recount::Finished,
+                    };
+                }
+                if let Some(Recount::Counting { end, .. }) = counting.as_deref() {
+                    // Every key after the count's end was written since it
+                    // began, and noted by its writer.
+                    cursor.end = Some(end.clone());
+                } else if cursor.end.is_none() {
                     // First batch: fix the end of this sweep at the current last key.
-                    match tree
-                        .last()
-                        .map_err(Error::storage("finding the last record"))?
-                    {
-                        Some((last, _)) => cursor.end = Some(last.to_vec()),
-                        None => return Ok(done(SweepReport::default())),
+                    match last_key(tree)? {
+                        Some(last) => cursor.end = Some(last),
+                        None => {
+                            if let Some(span) = counting.as_deref_mut() {
+                                space.stored.passed(span, None);
+                            }
+                            return Ok(done(SweepReport::default()));
+                        }
                     }
                 }
                 let now = clock.now_millis();
@@ -806,15 +831,15 @@ impl Inner {
                 let renote = !open.expiries.complete();
                 let mut noted = Ok(());
                 let mut kept = |key: &[u8], record: &Record| {
-                    if cursor.count {
-                        space.stored.add(record.state, 1);
+                    if let Some(span) = counting.as_deref() {
+                        space.stored.counted(span, key, Some(record.state), None);
                     }
                     if renote
                         && noted.is_ok()
                         && let Ok(key) = <[u8; 16]>::try_from(key)
                     {
-                        let forgotten_at = rules.forgotten_at(record);
-                        if open.expiries.note(space.index, key, forgotten_at) {
+                        let due = rules.due_at(record, now);
+                        if open.expiries.note(space.index, key, due) {
                             noted = open.expiries.write();
                         }
                     }
@@ -829,26 +854,39 @@ impl Inner {
                 let removed = open.latch_on(removed)?;
                 report.removed = removed.len() as u64;
                 for (key, state) in &removed {
-                    // A recount never counted it: the scan saw it forgotten.
-                    if !cursor.count {
-                        space.stored.moved(Some(*state), None);
+                    match counting.as_deref() {
+                        Some(span) => space.stored.counted(span, key, None, Some(*state)),
+                        // Writers wait while a counting batch holds the span.
+                        None => space.stored.moved(&None, key, Some(*state), None),
                     }
                     if let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
                         space.pending.ended(tree, &key);
                     }
                 }
+                if let Some(span) = counting.as_deref_mut() {
+                    let last = scan.next.as_ref().and(scan.last.as_deref());
+                    space.stored.passed(span, last);
+                }
+                drop(counting);
                 space.counters.add(Count::Swept, report.removed);
                 let mut batch = done(report);
                 batch.next = scan.next.map(|from| sweeper::Cursor {
                     from,
                     end: cursor.end,
-                    count: cursor.count,
                 });
                 Ok(batch)
             })
             .await
         }
     }
+}
+
+/// The last key of `tree`, if any.
+fn last_key(tree: &sled::Tree) -> Result<Option<Vec<u8>>> {
+    let last = tree
+        .last()
+        .map_err(Error::storage("finding the last record"))?;
+    Ok(last.map(|(key, _)| key.to_vec()))
 }
 
 /// What a sweep batch takes along to its blocking thread instead of the
@@ -904,6 +942,9 @@ impl Inner {
                 // The first batch fixes where this sweep ends.
                 let end = cursor.end.unwrap_or_else(|| Expiries::due_end(now));
                 let batch = (&cursor.from[..], &end[..], size);
+                // Held from before the removals until the counts moved (a
+                // namespace being counted after a crash: see `Stored`).
+                let passes: Vec<_> = spaces.iter().map(|s| s.stored.pass_blocking()).collect();
                 let due = open
                     .expiries
                     .sweep_due(&by_name, now, rules, batch, &removed_tokens);
@@ -913,7 +954,8 @@ impl Inner {
                         && let Some(tree) = tree(space)
                     {
                         space.pending.ended(tree, key);
-                        space.stored.moved(Some(*state), None);
+                        let pass = passes.get(space.index).unwrap_or(&None);
+                        space.stored.moved(pass, key, Some(*state), None);
                         space.counters.add(Count::Swept, 1);
                     }
                 }
@@ -922,7 +964,6 @@ impl Inner {
                     next: due.next.map(|from| sweeper::Cursor {
                         from,
                         end: Some(end),
-                        count: false,
                     }),
                     took: started.elapsed(),
                 })
@@ -949,16 +990,16 @@ impl sweeper::Sweep for Inner {
         self.due_batch(cursor)
     }
 
-    fn indexed(&self) -> bool {
-        self.indexed.load(Ordering::SeqCst)
+    fn needs_scan(&self) -> bool {
+        Inner::needs_scan(self)
     }
 
-    fn scanned(&self) {
-        self.indexed.store(true, Ordering::SeqCst);
+    fn scan_epoch(&self) -> u64 {
+        self.indexed.epoch()
     }
 
-    fn take_recount(&self) -> bool {
-        Inner::take_recount(self)
+    fn scanned(&self, epoch: u64) {
+        self.indexed.mark_complete(epoch);
     }
 }
 
@@ -991,6 +1032,8 @@ impl Engine for SledIdempotencyStore {
         open.flusher.check()?;
         let tree = self.tree(open)?;
         let bytes = key_bytes(key);
+        let stored = &self.space.stored;
+        let pass = stored.pass().await;
         // Optimistic: assume the key is absent, so a new key costs one CAS.
         let mut current: Option<IVec> = None;
         loop {
@@ -1008,7 +1051,7 @@ impl Engine for SledIdempotencyStore {
             match open.latch_on(cas(tree, &bytes, current.as_deref(), Some(record.encode())))? {
                 // Counted as it lands: a restamp that loses the record to
                 // another writer leaves that writer to count its own move.
-                Ok(()) => self.space.stored.moved(replaced, Some(State::Pending)),
+                Ok(()) => stored.moved(&pass, &bytes, replaced, Some(State::Pending)),
                 Err(found) => {
                     current = found;
                     continue;
@@ -1022,8 +1065,8 @@ impl Engine for SledIdempotencyStore {
             // removal first raises `removed_tokens`, so a claim that landed
             // on an absent key and sees a larger removed token re-stamps its
             // record with a fresh token while it holds it.
-            // A restamp changes the token, not the time it is forgotten.
-            let forgotten_at = rules.forgotten_at(&record);
+            // A restamp changes the token, not the time it is due.
+            let due = rules.due_at(&record, now);
             let Some(token) = self.restamp(open, tree, &bytes, current.is_none(), record)? else {
                 current = tree
                     .get(bytes)
@@ -1031,9 +1074,10 @@ impl Engine for SledIdempotencyStore {
                 continue; // expired and taken over while re-stamping: start again
             };
             self.space.pending.claimed(&bytes);
-            if open.expiries.note(self.space.index, bytes, forgotten_at) {
+            if open.expiries.note(self.space.index, bytes, due) {
                 open.flusher.flush_soon();
             }
+            drop(pass);
             open.flusher.write_completed().await?;
             return Ok(Acquired::Lease {
                 token,

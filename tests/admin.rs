@@ -518,3 +518,40 @@ fn with_token(line: &str, token: u64) -> String {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Regression: `import` with `OnConflict::Replace` wrote the imported
+/// record as it was, so a key's fencing token could go down (a record
+/// exported long ago, replayed over the key's newer claim). A replacement
+/// whose token is not above the stored one now gets a fresh token.
+#[tokio::test]
+async fn replace_never_lowers_a_fencing_token() -> TestResult {
+    let fx = Fixture::new();
+    let store = fx.open().await?;
+    store.try_claim(&id(1), TTL).await?;
+    let old = export_text(&export_all(&store).await?);
+    let old_token = store.get_record(&id(1)).await?.ok_or("id 1")?.token;
+    store.release(&id(1)).await?;
+    store.try_claim(&id(1), TTL).await?;
+    store.mark_done(&id(1)).await?;
+    let newer = store.get_record(&id(1)).await?.ok_or("id 1")?;
+    assert!(newer.token > old_token);
+    let replaced = store
+        .admin()
+        .import(std::io::Cursor::new(old), OnConflict::Replace)
+        .await?;
+    assert_eq!(replaced.replaced, 1);
+    let now = store.get_record(&id(1)).await?.ok_or("id 1")?;
+    assert_eq!(
+        now.state,
+        sled_idempotency::State::Pending,
+        "the imported record"
+    );
+    assert!(
+        now.token > newer.token,
+        "token {} must be above the replaced record's {}",
+        now.token,
+        newer.token
+    );
+    store.close().await?;
+    Ok(())
+}

@@ -613,7 +613,90 @@ pub fn scale(settings: &Settings) -> String {
         } else {
             50_000_000
         });
-    soak(claims, settings.big / 5)
+    let churn = soak(claims, settings.big / 5);
+    println!("{churn}");
+    let messages: u64 = std::env::var("CONSUMER_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(claims.min(20_000_000));
+    consumer_soak(messages)
+}
+
+/// A consumer's soak: every message claimed and marked done, as a worker
+/// does; the default `pending_retention` (a day), a done retention of a
+/// minute, a clock that moves 100 µs per message (10,000 messages/s), a
+/// sweep every 100,000 messages (10 s of that clock). About 600,000 done
+/// records are live at a time once a minute of messages has passed: disk
+/// and the expiry index must reach a plateau.
+fn consumer_soak(messages: u64) -> String {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_800_000_000_000);
+    let path = dir.path().join("db");
+    let step = (messages / 10).max(1);
+    let rows = rt.block_on(async {
+        let store = SledIdempotencyStore::builder(&path)
+            .durability(Durability::Periodic(Duration::from_millis(100)))
+            .done_retention(Duration::from_secs(60))
+            // The soak sweeps itself (see `soak`).
+            .sweep_interval(Duration::from_secs(86_400))
+            .clock(clock.clone())
+            .open()
+            .await
+            .expect("open");
+        let ttl = Duration::from_secs(30);
+        let (mut rows, mut since) = (Vec::new(), Instant::now());
+        for n in 0..messages {
+            store.try_claim(&key(n), ttl).await.expect("claim");
+            store.mark_done(&key(n)).await.expect("done");
+            clock.advance(Duration::from_micros(100));
+            if (n + 1) % 100_000 == 0 {
+                store.sweep_expired().await.expect("sweep");
+            }
+            if (n + 1) % step == 0 {
+                let stats = store.stats().await.expect("stats");
+                let index = store.admin().expiry_index().await.expect("index");
+                rows.push((
+                    n + 1,
+                    disk_bytes(&path),
+                    index,
+                    stats.records_done + stats.records_pending,
+                    step as f64 / since.elapsed().as_secs_f64(),
+                ));
+                eprintln!(
+                    "consumer soak: {} messages, {} MiB on disk, index {} entries, {} notes",
+                    n + 1,
+                    disk_bytes(&path) >> 20,
+                    index.entries,
+                    index.notes
+                );
+                since = Instant::now();
+            }
+        }
+        store.close().await.expect("close");
+        rows
+    });
+    let mut out = format!(
+        "Consumer soak: {messages} messages from one task, each claimed and marked done (`Periodic(100 ms)`, ttl 30 s, done retention 60 s, default `pending_retention`), a clock that moves 100 µs per message (about 600,000 done records live at a time), `sweep_expired()` every 100,000 messages:\n\n| messages | disk | index entries | index notes | index bytes | records stored (`stats()`) | messages/s over the step |\n|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for (n, disk, index, stored, rate) in &rows {
+        out.push_str(&format!(
+            "| {n} | {:.0} MiB | {} | {} | {:.1} MiB | {stored} | {rate:.0} |\n",
+            *disk as f64 / (1 << 20) as f64,
+            index.entries,
+            index.notes,
+            index.bytes as f64 / (1 << 20) as f64,
+        ));
+    }
+    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+        out.push_str(&format!(
+            "\nLast ÷ first: disk {:.2}×, index notes {:.2}×, records stored {:.2}×.\n",
+            last.1 as f64 / first.1 as f64,
+            last.2.notes as f64 / first.2.notes.max(1) as f64,
+            last.3 as f64 / first.3.max(1) as f64,
+        ));
+    }
+    out
 }
 
 fn soak(claims: u64, live: u64) -> String {

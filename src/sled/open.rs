@@ -345,7 +345,7 @@ pub(crate) fn sync_parent(path: &Path) -> Result<()> {
 /// Blocking. sled 0.34 unwraps an fsync in its own `Drop`, which panics on a
 /// failing disk: that panic is caught here, and the failure that latched the
 /// store is what the caller sees.
-pub(crate) fn release(mut open: Open, path: &Path, counts: &Counts) -> Result<()> {
+pub(crate) fn release(mut open: Open, path: &Path, counts: Option<&Counts>) -> Result<()> {
     // No writer is left: the last notes, then the marker, then the flush.
     // A failure latches the store, and the shutdown below reports it.
     if open.flusher.check().is_ok() {

@@ -46,15 +46,15 @@ pub(crate) trait Sweep: Send + Sync + 'static {
     /// `next` is `Some` while more are due.
     fn due(&self, cursor: Cursor) -> impl Future<Output = Result<Batch>> + Send + 'static;
 
-    /// Does the expiry index cover every record?
-    fn indexed(&self) -> bool;
+    /// Must a full scan run (an incomplete expiry index, or record counts
+    /// not finished after a crash)?
+    fn needs_scan(&self) -> bool;
 
-    /// A full scan of every namespace has finished.
-    fn scanned(&self);
+    /// Where a full scan starts (`Completeness::epoch`).
+    fn scan_epoch(&self) -> u64;
 
-    /// Should the scan starting now recount the records stored? (At most
-    /// one scan per open does.)
-    fn take_recount(&self) -> bool;
+    /// A full scan of every namespace that began at `epoch` has finished.
+    fn scanned(&self, epoch: u64);
 }
 
 /// What one sweep did.
@@ -108,10 +108,10 @@ pub(crate) fn spawn<S: Sweep>(
                 _ = stop.changed() => return,
             }
             let mut total = SweepReport::default();
-            let Some(indexed) = store.upgrade().map(|inner| inner.indexed()) else {
+            let Some(needs_scan) = store.upgrade().map(|inner| inner.needs_scan()) else {
                 return;
             };
-            if !indexed {
+            if needs_scan {
                 match scan_all(&store, &stop, &mut total).await {
                     Step::Done => {}
                     Step::Stop => return,
@@ -170,10 +170,10 @@ async fn scan_all<S: Sweep>(
     stop: &watch::Receiver<bool>,
     total: &mut SweepReport,
 ) -> Step {
-    let Some(count) = store.upgrade().map(|inner| inner.take_recount()) else {
+    let Some(epoch) = store.upgrade().map(|inner| inner.scan_epoch()) else {
         return Step::Stop;
     };
-    let (mut index, mut cursor) = (0, Cursor::start(count));
+    let (mut index, mut cursor) = (0, Cursor::default());
     loop {
         if *stop.borrow() {
             return Step::Stop;
@@ -183,7 +183,7 @@ async fn scan_all<S: Sweep>(
                 return Step::Stop;
             };
             let Some(batch) = inner.batch(index, std::mem::take(&mut cursor)) else {
-                inner.scanned(); // every namespace swept
+                inner.scanned(epoch); // every namespace swept
                 return Step::Done;
             };
             batch
@@ -194,7 +194,7 @@ async fn scan_all<S: Sweep>(
                 *total += batch.report;
                 match batch.next {
                     Some(next) => cursor = next,
-                    None => (index, cursor) = (index + 1, Cursor::start(count)),
+                    None => (index, cursor) = (index + 1, Cursor::default()),
                 }
             }
             Err(Error::Closed) => return Step::Stop,
@@ -223,6 +223,8 @@ pub(crate) struct Scan {
     pub(crate) expired: Vec<(IVec, IVec, u64, State)>,
     /// The key to continue from, or `None` at the end of the keyspace.
     pub(crate) next: Option<Vec<u8>>,
+    /// The last key read.
+    pub(crate) last: Option<IVec>,
 }
 
 /// Where a sweep of one namespace stands: the next key to read and the
@@ -233,18 +235,6 @@ pub(crate) struct Scan {
 pub(crate) struct Cursor {
     pub(crate) from: Vec<u8>,
     pub(crate) end: Option<Vec<u8>>,
-    /// This scan recounts the records stored (after a crash).
-    pub(crate) count: bool,
-}
-
-impl Cursor {
-    /// The start of a scan of a namespace.
-    pub(crate) fn start(count: bool) -> Self {
-        Cursor {
-            count,
-            ..Cursor::default()
-        }
-    }
 }
 
 /// Reads up to `batch` records from `cursor` on (up to `end`, inclusive,
@@ -281,7 +271,7 @@ pub(crate) fn scan(
         }
         last = Some(key);
     }
-    let next = match last {
+    let next = match &last {
         Some(key) if report.examined == batch as u64 && end != Some(&key[..]) => {
             let mut next = key.to_vec();
             next.push(0); // the smallest key after `key`
@@ -293,6 +283,7 @@ pub(crate) fn scan(
         report,
         expired,
         next,
+        last,
     })
 }
 

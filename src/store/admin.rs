@@ -179,6 +179,21 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
 }
 
+/// The expiry index's size ([`Admin::expiry_index`]): what the sweeper
+/// keeps to find forgotten records without reading every record. At steady
+/// traffic it follows the records that are live or remembered, not the
+/// messages seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IndexSize {
+    /// Index entries (one per namespace and second, at most 64 notes each).
+    pub entries: u64,
+    /// Notes in them: keys to look at when their second comes.
+    pub notes: u64,
+    /// Bytes of the entries' keys and values (sled's pages add to this).
+    pub bytes: u64,
+}
+
 /// What [`Admin::compact_into`] wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompactReport {
@@ -243,6 +258,21 @@ impl Admin<'_> {
     /// upgraded to [`FORMAT_VERSION`] on open.
     pub fn format_found(&self) -> Option<u32> {
         self.store.inner.format_found
+    }
+
+    /// The expiry index's size, database-wide: one walk of the index (not
+    /// of the records), on a blocking thread.
+    pub async fn expiry_index(&self) -> Result<IndexSize> {
+        self.store
+            .scan(|open, _| {
+                let (entries, notes, bytes) = open.expiries.size()?;
+                Ok(IndexSize {
+                    entries,
+                    notes,
+                    bytes,
+                })
+            })
+            .await
     }
 
     /// Bytes the database's files take on disk now.
@@ -493,7 +523,7 @@ impl Admin<'_> {
                         Ok(r) => {
                             let keep = !machine::sweepable(&r, now, rules);
                             if keep && let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
-                                if new.expiries.note(index, key, rules.forgotten_at(&r)) {
+                                if new.expiries.note(index, key, rules.due_at(&r, now)) {
                                     new.expiries.write()?;
                                 }
                                 match r.state {
@@ -532,7 +562,7 @@ impl Admin<'_> {
             report.token_floor = floor;
             // Every copied record is noted: the new database opens with a
             // complete expiry index.
-            new.expiries.seal(&counts, || {
+            new.expiries.seal(Some(&counts), || {
                 sync("making the new database's expiry index durable")
             })?;
             sync("making the new database durable")?;

@@ -73,7 +73,9 @@ pub fn id(n: u128) -> MessageId {
 /// leaves the marker that says the index is complete, nor the record
 /// counts. The next open must fall back on its one full scan.
 pub fn forget_expiry_index(path: &Path) -> sled::Result<()> {
-    let db = sled::open(path)?;
+    // No background flusher thread: sled lets go of the directory as soon
+    // as the handle is dropped.
+    let db = sled::Config::new().path(path).flush_every_ms(None).open()?;
     db.drop_tree("sled-idempotency/expiry")?;
     let meta = db.open_tree("sled-idempotency/meta")?;
     meta.remove("expiry_index_complete")?;

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::machine;
 use crate::namespace::validate_namespace;
 use crate::record::{MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, Record, State};
-use crate::sled::keyspace::{cas, display_key};
+use crate::sled::keyspace::{cas, display_key, next_token};
 use crate::sled::open::FORMAT_VERSION;
 use crate::store::{SledIdempotencyStore, blocking};
 
@@ -55,7 +55,10 @@ pub enum OnConflict {
     Fail,
     /// Keep the stored record, skip the imported one.
     Keep,
-    /// Replace the stored record with the imported one.
+    /// Replace the stored record with the imported one. A fencing token
+    /// never goes down along a key's history: an imported record whose
+    /// token is not above the stored record's is written with a fresh
+    /// token, above every token the database has handed out.
     Replace,
 }
 
@@ -431,14 +434,33 @@ fn write_one(
                 }
             },
         };
-        let new = Some(r.value.clone());
+        // Fencing tokens increase along each key's history: a replacement
+        // whose token is not above the stored record's gets a fresh one,
+        // above every token handed out so far.
+        let stored_token = current
+            .as_deref()
+            .and_then(|v| Record::decode(v).ok())
+            .map(|w| w.token);
+        let (record, new) = match stored_token {
+            Some(token) if replacing && token >= r.record.token => {
+                let mut raised = r.record.clone();
+                raised.token = open.latch_on(next_token(open))?;
+                let value = raised.encode();
+                (raised, Some(value))
+            }
+            _ => (r.record.clone(), Some(r.value.clone())),
+        };
+        let stored = &handle.space.stored;
+        let pass = stored.pass_blocking();
         match open.latch_on(cas(tree, &r.key, current.as_deref(), new))? {
             Ok(()) => {
                 // A stored value that does not decode was never counted.
                 let was = current.as_deref().and_then(|v| Record::decode(v).ok());
-                (handle.space.stored).moved(was.map(|w| w.state), Some(r.record.state));
-                let forgotten_at = handle.inner.retention.forgotten_at(&r.record);
-                if open.expiries.note(handle.space.index, r.key, forgotten_at) {
+                stored.moved(&pass, &r.key, was.map(|w| w.state), Some(record.state));
+                drop(pass);
+                let now = handle.inner.clock.now_millis();
+                let due = handle.inner.retention.due_at(&record, now);
+                if open.expiries.note(handle.space.index, r.key, due) {
                     open.latch_on(open.expiries.write())?;
                 }
                 if replacing {
