@@ -85,6 +85,7 @@ pub(crate) struct Inner {
     retention: Retention,
     max_result_size: usize,
     sweep_batch: usize,
+    sweep_interval: Duration,
     /// Highest token of any record removed (released, abandoned, swept)
     /// since open; see `acquire` for why.
     removed_tokens: Arc<AtomicU64>,
@@ -254,6 +255,7 @@ impl SledIdempotencyStore {
             },
             max_result_size: b.max_result_size,
             sweep_batch: b.sweep_batch,
+            sweep_interval: b.sweep_interval,
             removed_tokens: Arc::new(AtomicU64::new(0)),
             durability_timeout: b.durability_timeout,
             stop,
@@ -565,7 +567,7 @@ impl SledIdempotencyStore {
                 return Ok(total);
             };
             cursor = next;
-            sweeper::pace(batch.took).await;
+            sweeper::pace(batch.took, batch.pause).await;
         }
     }
 
@@ -592,7 +594,7 @@ impl SledIdempotencyStore {
                 let Some(next) = batch.next else { break };
                 cursor = next;
                 if paced {
-                    sweeper::pace(batch.took).await;
+                    sweeper::pace(batch.took, batch.pause).await;
                 }
             }
             index += 1;
@@ -793,6 +795,7 @@ impl Inner {
                     report,
                     next: None,
                     took: started.elapsed(),
+                    pause: 1.0,
                 };
                 // A batch of a count after a crash holds the count's span
                 // while it reads and counts (see `Stored`).
@@ -925,6 +928,7 @@ impl Inner {
             removed_tokens,
         } = self.sweep_tools();
         let spaces = self.spaces.clone();
+        let interval = self.sweep_interval;
         async move {
             let guard = state.read_owned().await;
             blocking(move || {
@@ -959,8 +963,10 @@ impl Inner {
                         space.counters.add(Count::Swept, 1);
                     }
                 }
+                let behind = Duration::from_millis(now.saturating_sub(due.oldest_due));
                 Ok(sweeper::Batch {
                     report: due.report,
+                    pause: sweeper::pause_share(behind, interval),
                     next: due.next.map(|from| sweeper::Cursor {
                         from,
                         end: Some(end),

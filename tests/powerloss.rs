@@ -76,9 +76,12 @@ fn cuts(default: u64) -> u64 {
 }
 
 /// A mounted file system in a temporary mount point, or `None` (after a
-/// loud message) where FUSE cannot be mounted outside CI.
+/// loud message) where FUSE cannot be mounted outside CI. The mount point
+/// is under cargo's target directory, not `/tmp`: a process walking `/tmp`
+/// (a cleaner, another test run) holds the mount point for a moment and
+/// the unmount of a power cut fails with EBUSY.
 fn mount() -> Result<Option<(tempfile::TempDir, PowerLossFs)>, BoxError> {
-    let dir = tempfile::tempdir()?;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
     match PowerLossFs::mount(dir.path()) {
         Ok(fs) => Ok(Some((dir, fs))),
         Err(e) if std::env::var("CI").as_deref() == Ok("true") => Err(format!(

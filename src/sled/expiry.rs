@@ -368,11 +368,17 @@ impl Expiries {
     ) -> Result<Due> {
         let _one_at_a_time = lock(&self.sweeping);
         self.write()?;
-        let mut due = Due::default();
+        let mut due = Due {
+            report: SweepReport::default(),
+            removed: Vec::new(),
+            next: None,
+            oldest_due: u64::MAX,
+        };
         for entry in self.tree.range(from..end) {
             let (entry_key, value) = entry.map_err(Error::storage("reading the expiry index"))?;
             if due.report.examined >= limit as u64 {
                 due.next = Some(entry_key.to_vec());
+                due.oldest_due = slot_of(&entry_key).saturating_mul(SLOT_MS);
                 break;
             }
             let slot = slot_of(&entry_key);
@@ -532,13 +538,16 @@ impl Completeness {
 }
 
 /// What one index sweep did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Due {
     pub(crate) report: SweepReport,
     /// The records removed: namespace, key, and the state each held.
     pub(crate) removed: Vec<(Arc<str>, [u8; 16], State)>,
     /// The entry to go on from: more due entries wait.
     pub(crate) next: Option<Vec<u8>>,
+    /// The start of the slot of that entry (ms): how far behind the sweep
+    /// is; `u64::MAX` when nothing more is due.
+    pub(crate) oldest_due: u64,
 }
 
 fn entry_key(slot: u64, seq: u64) -> [u8; 16] {

@@ -86,8 +86,30 @@ const MAX_PAUSE: Duration = Duration::from_millis(20);
 /// A bare yield was not enough: on a 2-core machine with `Durability::Sync`,
 /// claim p99 latency rose 11× during a sweep of 1,000,000 records
 /// (`cd compare && cargo run --release -- --only sweep`).
-pub(crate) async fn pace(took: Duration) {
-    tokio::time::sleep(took.min(MAX_PAUSE)).await;
+///
+/// A sweep that has fallen behind pauses less: once the oldest entry still
+/// due is more than two sweep intervals old, the pause shrinks in
+/// proportion (`share`, from [`pause_share`]), down to a bare yield, so that a sweeper
+/// facing a writer faster than its paced rate catches up instead of
+/// letting the database grow without bound.
+pub(crate) async fn pace(took: Duration, share: f64) {
+    let pause = took.min(MAX_PAUSE).mul_f64(share);
+    if pause < Duration::from_micros(50) {
+        tokio::task::yield_now().await;
+    } else {
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The share of a batch's time a sweep pauses after it, when the oldest
+/// entry still due is `behind` (see [`pace`]).
+pub(crate) fn pause_share(behind: Duration, interval: Duration) -> f64 {
+    let allowed = interval.saturating_mul(2).max(Duration::from_secs(1));
+    if behind <= allowed {
+        1.0
+    } else {
+        allowed.as_secs_f64() / behind.as_secs_f64()
+    }
 }
 
 /// Starts the periodic sweeper. It holds a `Weak` to the store, upgraded
@@ -129,7 +151,7 @@ pub(crate) fn spawn<S: Sweep>(
                 };
                 match batch.await {
                     Ok(batch) => {
-                        pace(batch.took).await;
+                        pace(batch.took, batch.pause).await;
                         total += batch.report;
                         match batch.next {
                             Some(next) => cursor = next,
@@ -190,7 +212,7 @@ async fn scan_all<S: Sweep>(
         };
         match batch.await {
             Ok(batch) => {
-                pace(batch.took).await;
+                pace(batch.took, batch.pause).await;
                 *total += batch.report;
                 match batch.next {
                     Some(next) => cursor = next,
@@ -212,6 +234,9 @@ pub(crate) struct Batch {
     pub(crate) report: SweepReport,
     pub(crate) next: Option<Cursor>,
     pub(crate) took: Duration,
+    /// The share of `took` to pause after it ([`pace`]): 1 unless the
+    /// sweep has fallen behind.
+    pub(crate) pause: f64,
 }
 
 /// One batch of a sweep: what was read, which records were expired, where to
@@ -308,6 +333,17 @@ pub(crate) fn remove_unchanged(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sweep pauses as long as it worked until it falls more than two
+    /// intervals behind; then less and less, so that it catches up.
+    #[test]
+    fn a_sweep_that_falls_behind_pauses_less() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(pause_share(Duration::ZERO, minute), 1.0);
+        assert_eq!(pause_share(minute * 2, minute), 1.0);
+        assert_eq!(pause_share(minute * 4, minute), 0.5);
+        assert!(pause_share(minute * 400, minute) < 0.01);
+    }
 
     /// Expired pending claims forgotten at once, as expired done records.
     const RULES: Retention = Retention {
