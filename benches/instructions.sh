@@ -23,20 +23,27 @@ for line in sys.stdin:
         print(m["executable"])'
 }
 
-count() { # instructions per operation: binary, scenario
+count() { # instructions per operation, median of three runs: binary, scenario
     local out
-    out=$(mktemp)
-    valgrind --tool=callgrind --callgrind-out-file="$out" --collect-atstart=no \
-        --toggle-collect='*instructions::measured*' "$1" "$2" "$n" >/dev/null 2>&1
+    out=$(mktemp -d)
+    for run in 1 2 3; do
+        valgrind --tool=callgrind --callgrind-out-file="$out/$run" --collect-atstart=no \
+            --toggle-collect='*instructions::measured*' "$1" "$2" "$n" >/dev/null 2>&1
+    done
+    # sled's own threads touch the same locks and pages now and then, so
+    # single runs differ by up to 2 % on new keys; the median steadies it.
     python3 - "$out" "$n" <<'PY'
-import sys
-total = 0
-for line in open(sys.argv[1]):
-    if line.startswith("summary:") or line.startswith("totals:"):
-        total = int(line.split()[1])
-print(f"{total / int(sys.argv[2]):.0f}")
+import os, sys
+totals = []
+for name in os.listdir(sys.argv[1]):
+    for line in open(os.path.join(sys.argv[1], name)):
+        if line.startswith("summary:") or line.startswith("totals:"):
+            total = int(line.split()[1])
+    totals.append(total)
+totals.sort()
+print(f"{totals[len(totals) // 2] / int(sys.argv[2]):.0f}")
 PY
-    rm -f "$out"
+    rm -rf "$out"
 }
 
 if [ -n "${BEFORE:-}" ] && [ ! -f "$BEFORE/benches/instructions.rs" ]; then

@@ -9,12 +9,12 @@ use std::time::Duration;
 use bus_core::{ClaimOutcome, MessageId};
 
 use crate::clock::millis;
+use crate::count::Count;
 use crate::engine::{Acquired, Engine, Finished};
 use crate::error::{Error, Result};
 use crate::lease::{ClaimResult, Lease};
 use crate::machine::Holder;
 use crate::record::MAX_FINGERPRINT_LEN;
-use crate::stats::Count;
 
 fn bump(engine: &impl Engine, count: Count) {
     if let Some(counters) = engine.counters() {

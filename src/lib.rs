@@ -5,6 +5,7 @@
 
 mod clock;
 mod config;
+mod count;
 mod engine;
 mod error;
 mod front;
@@ -22,6 +23,7 @@ mod redis;
 mod sled;
 mod stats;
 mod store;
+mod sync;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{

@@ -33,7 +33,7 @@ use std::time::Duration;
 use metrics::{Counter, Histogram, counter, histogram};
 
 use crate::config::Durability;
-use crate::stats::{COUNTS, Count};
+use crate::count::{COUNTS, Count};
 
 /// The `durability` label of a mode.
 pub(crate) fn label(durability: Durability) -> &'static str {

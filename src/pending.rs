@@ -23,11 +23,12 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
 use crate::record::{Record, State};
+use crate::sync::lock;
 
 type Key = [u8; 16];
 
@@ -44,11 +45,6 @@ pub(crate) struct PendingIndex {
     stamps: AtomicU64,
     /// Held while building, so that a second `list` waits for the first.
     build: Mutex<()>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain data: a panic elsewhere cannot leave it half-updated.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Whether `key` may hold a `Pending` record: a read error or a corrupt

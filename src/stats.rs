@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed, Ord
 
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::count::{COUNTS, Count};
 use crate::record::State;
 
 /// What one namespace has seen since the store was opened, and what it holds.
@@ -45,20 +46,6 @@ pub struct Stats {
     pub records_exact: bool,
     /// Flushes run by the group-commit flusher (whole database).
     pub flushes: u64,
-}
-
-/// What a counter counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Count {
-    Claims,
-    DuplicatesPending,
-    DuplicatesDone,
-    FingerprintConflicts,
-    Completions,
-    LateCompletions,
-    Releases,
-    LeaseConflicts,
-    Swept,
 }
 
 /// Records stored in one namespace, by state: moved by every write that
@@ -145,12 +132,10 @@ impl Stored {
     }
 
     /// What a writer holds from before its write until it has moved the
-    /// counts: nothing once the counts are exact (one atomic load).
-    pub(crate) async fn pass(&self) -> Pass<'_> {
-        match self.recounting() {
-            true => Some(self.span.read().await),
-            false => None,
-        }
+    /// counts: nothing once the counts are exact. Costs a writer one atomic
+    /// load then (no future is made).
+    pub(crate) fn pass(&self) -> Option<impl Future<Output = RwLockReadGuard<'_, Recount>>> {
+        self.recounting().then(|| self.span.read())
     }
 
     /// [`pass`](Self::pass), on a blocking thread.
@@ -242,9 +227,6 @@ impl Stored {
         (get(&self.pending), get(&self.done))
     }
 }
-
-/// Number of [`Count`]s.
-pub(crate) const COUNTS: usize = 9;
 
 /// One namespace's counters.
 #[derive(Debug)]

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, millis};
 use crate::config::{Builder, Durability};
+use crate::count::Count;
 use crate::engine::{Acquired, Engine, Finished};
 use crate::error::{Error, Result};
 use crate::front;
@@ -26,11 +27,11 @@ use crate::sled::expiry::{Completeness, Counts, Expiries};
 use crate::sled::flusher::{Flusher, Syncer};
 use crate::sled::keyspace::{cas, decode_at, key_bytes, next_token, remove};
 use crate::sled::open::{
-    LOCK_RELEASE_WAIT, canonical, lock, namespace_tree, open_db, release, releasing,
-    wait_until_released,
+    LOCK_RELEASE_WAIT, canonical, namespace_tree, open_db, release, releasing, wait_until_released,
 };
 use crate::sled::sweeper::{self, SweepReport};
-use crate::stats::{Count, Counters, Recount, Stats};
+use crate::stats::{Counters, Recount, Stats};
+use crate::sync::lock;
 
 pub(crate) mod admin;
 
@@ -405,7 +406,10 @@ impl SledIdempotencyStore {
         let tree = self.tree(open)?;
         let key = key_bytes(key);
         let stored = &self.space.stored;
-        let pass = stored.pass().await;
+        let pass = match stored.pass() {
+            Some(span) => Some(span.await),
+            None => None,
+        };
         let mut current = tree.get(key).map_err(Error::storage("reading a record"))?;
         let out = loop {
             let record = decode_at(&key, current.as_deref())?;
@@ -1039,7 +1043,10 @@ impl Engine for SledIdempotencyStore {
         let tree = self.tree(open)?;
         let bytes = key_bytes(key);
         let stored = &self.space.stored;
-        let pass = stored.pass().await;
+        let pass = match stored.pass() {
+            Some(span) => Some(span.await),
+            None => None,
+        };
         // Optimistic: assume the key is absent, so a new key costs one CAS.
         let mut current: Option<IVec> = None;
         loop {

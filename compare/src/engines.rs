@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use sled_idempotency::{Durability, MessageId, SledIdempotencyStore};
 
 use crate::Settings;
-use crate::measure::Sample;
+use crate::sample::Sample;
 
 pub const TTL: Duration = Duration::from_secs(3600);
 
@@ -83,7 +83,7 @@ pub struct Ours {
 
 impl Ours {
     pub fn open(durability: Durability) -> Ours {
-        let runtime = crate::measure::runtime();
+        let runtime = crate::sample::runtime();
         let dir = tempfile::tempdir().expect("tempdir");
         let store = runtime
             .block_on(

@@ -10,11 +10,13 @@
 mod engines;
 mod measure;
 mod redis_engine;
+mod sample;
 
 use std::time::Duration;
 
 use engines::{Engine, Ours, RawSled, Redis, Sqlite};
-use measure::{Row, Sample};
+use measure::Row;
+use sample::Sample;
 use sled_idempotency::Durability;
 
 pub struct Settings {

@@ -20,7 +20,7 @@ fn duplicate_heavy() -> u64 {
 type Workload = (&'static str, fn() -> u64, bool);
 
 pub fn section(settings: &Settings, server: &Redis) -> String {
-    let runtime = measure::runtime();
+    let runtime = crate::sample::runtime();
     let mut rows = Vec::new();
     let workloads: [Workload; 3] = [
         ("new keys, no persistence", fresh, false),

@@ -46,9 +46,9 @@ use sled::IVec;
 use crate::error::{Error, Result};
 use crate::machine::{self, Retention};
 use crate::record::{Record, State};
+use crate::sync::lock;
 
 use super::keyspace::{display_key, remove};
-use super::open::lock;
 use super::sweeper::SweepReport;
 
 /// The index tree.

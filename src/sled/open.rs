@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -14,6 +14,7 @@ use crate::namespace::{DEFAULT_NAMESPACE, validate_namespace};
 
 use super::Open;
 use super::expiry::{Counts, Expiries};
+use crate::sync::lock;
 
 /// Version of the database layout (trees, key and value encoding). Recorded
 /// in the metadata tree; a database with a higher number is refused, one
@@ -362,10 +363,4 @@ pub(crate) fn release(mut open: Open, path: &Path, counts: Option<&Counts>) -> R
             cause: "sled panicked while closing the database".into(),
         }),
     }
-}
-
-/// Locks a std mutex that guards plain data; a panic elsewhere cannot leave
-/// it half-updated, so a poisoned lock is still good.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
