@@ -880,6 +880,7 @@ impl Inner {
                 batch.next = scan.next.map(|from| sweeper::Cursor {
                     from,
                     end: cursor.end,
+                    scale: 1,
                 });
                 Ok(batch)
             })
@@ -949,6 +950,7 @@ impl Inner {
                 let now = clock.now_millis();
                 // The first batch fixes where this sweep ends.
                 let end = cursor.end.unwrap_or_else(|| Expiries::due_end(now));
+                let size = size.saturating_mul(cursor.scale.max(1));
                 let batch = (&cursor.from[..], &end[..], size);
                 // Held from before the removals until the counts moved (a
                 // namespace being counted after a crash: see `Stored`).
@@ -968,12 +970,14 @@ impl Inner {
                     }
                 }
                 let behind = Duration::from_millis(now.saturating_sub(due.oldest_due));
+                let pause = sweeper::pause_share(behind, interval);
                 Ok(sweeper::Batch {
                     report: due.report,
-                    pause: sweeper::pause_share(behind, interval),
+                    pause,
                     next: due.next.map(|from| sweeper::Cursor {
                         from,
                         end: Some(end),
+                        scale: sweeper::batch_scale(pause),
                     }),
                     took: started.elapsed(),
                 })

@@ -80,13 +80,27 @@ fn main() {
             "space" => println!("{}", measure::space_and_reopen(&settings)),
             "scans" => println!("{}", measure::scans(&settings)),
             "scale" => println!("{}", measure::scale(&settings)),
+            "consumer" => {
+                let messages = std::env::var("CONSUMER_MESSAGES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(if smoke { 300_000 } else { 20_000_000 });
+                println!("{}", measure::consumer_soak(messages))
+            }
+            "keepup" => {
+                let secs = std::env::var("KEEPUP_SECS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(if smoke { 6 } else { 60 });
+                println!("{}", measure::keep_up(secs))
+            }
             "claims" => println!("{}", measure::table(&claims(&settings, redis.as_ref()))),
             "redis" => match &redis {
                 Some(server) => println!("{}", redis_engine::section(&settings, server)),
                 None => eprintln!("the redis section needs redis-server"),
             },
             other => eprintln!(
-                "unknown section {other}: use claims, sweep, space, scans, scale or redis"
+                "unknown section {other}: use claims, sweep, space, scans, scale, consumer, keepup or redis"
             ),
         }
         return;

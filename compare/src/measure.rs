@@ -595,7 +595,7 @@ pub fn scale(settings: &Settings) -> String {
 /// sweep every 100,000 messages (10 s of that clock). About 600,000 done
 /// records are live at a time once a minute of messages has passed: disk
 /// and the expiry index must reach a plateau.
-fn consumer_soak(messages: u64) -> String {
+pub fn consumer_soak(messages: u64) -> String {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(1_800_000_000_000);
@@ -735,6 +735,83 @@ fn soak(claims: u64, live: u64) -> String {
             last.1 as f64 / first.1 as f64,
             last.2 as f64 / first.2 as f64,
             last.4 / first.4
+        ));
+    }
+    out
+}
+
+/// Does the background sweeper keep up with the store's own sustained
+/// rate? Consumers (claim, then `mark_done`, new keys) run for `secs`
+/// seconds of the real clock with a done retention of 5 s and a sweep
+/// interval of 2 s (otherwise the defaults: `Periodic(100 ms)` for the
+/// writers' speed, `sweep_batch` 64, the adaptive pacing); the table
+/// gives the messages/s, what the background sweeper removed per second
+/// after the first retention, and the records stored at the end against
+/// what 5 s of messages leave live.
+pub fn keep_up(secs: u64) -> String {
+    let mut out = format!(
+        "Sweeper against the store's sustained rate ({secs} s per row, claim + `mark_done` of new keys, done retention 5 s, `sweep_interval` 2 s, default batch and pacing, real clock):\n\n| durability | tasks | messages/s | swept/s (after the first 5 s) | records stored at the end | of which due for removal |\n|---|---:|---:|---:|---:|---:|\n"
+    );
+    let periodic = Durability::Periodic(Duration::from_millis(100));
+    for (durability, tasks) in [
+        (periodic, 1u64),
+        (periodic, 64),
+        (Durability::Sync, 1),
+        (Durability::Sync, 64),
+    ] {
+        let rt = runtime();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let row = rt.block_on(async {
+            let store = Arc::new(
+                SledIdempotencyStore::builder(&path)
+                    .durability(durability)
+                    .done_retention(Duration::from_secs(5))
+                    .sweep_interval(Duration::from_secs(2))
+                    .open()
+                    .await
+                    .expect("open"),
+            );
+            let started = Instant::now();
+            let until = started + Duration::from_secs(secs);
+            let workers: Vec<_> = (0..tasks)
+                .map(|t| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        while Instant::now() < until {
+                            let k = key((t << 40) | n);
+                            store
+                                .try_claim(&k, Duration::from_secs(30))
+                                .await
+                                .expect("claim");
+                            store.mark_done(&k).await.expect("done");
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let mut messages = 0;
+            for w in workers {
+                messages += w.await.expect("worker");
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let stats = store.stats().await.expect("stats");
+            let stored = stats.records_done + stats.records_pending;
+            let live = store.admin().census().await.expect("census");
+            let store = Arc::try_unwrap(store).ok().expect("one handle");
+            store.close().await.expect("close");
+            (
+                messages as f64 / elapsed,
+                stats.swept as f64 / (elapsed - 5.0).max(1.0),
+                stored,
+                live.sweepable,
+            )
+        });
+        out.push_str(&format!(
+            "| {durability:?} | {tasks} | {:.0} | {:.0} | {} | {} |\n",
+            row.0, row.1, row.2, row.3
         ));
     }
     out

@@ -260,6 +260,25 @@ pub(crate) struct Scan {
 pub(crate) struct Cursor {
     pub(crate) from: Vec<u8>,
     pub(crate) end: Option<Vec<u8>>,
+    /// A sweep of the expiry index that has fallen behind reads this many
+    /// times its batch size per batch (0 or 1: the batch size), as it
+    /// pauses that much less ([`batch_scale`]).
+    pub(crate) scale: usize,
+}
+
+/// Most a sweep that has fallen behind multiplies its batch size by.
+const MAX_SCALE: usize = 64;
+
+/// How many times its batch size a sweep reads per batch when it pauses
+/// `share` of a batch's time ([`pause_share`]): the less it pauses, the
+/// more it does per wake-up, since under load each wake-up waits behind
+/// every writer task of the runtime.
+pub(crate) fn batch_scale(share: f64) -> usize {
+    if share >= 1.0 {
+        1
+    } else {
+        ((1.0 / share.max(1e-9)) as usize).clamp(1, MAX_SCALE)
+    }
 }
 
 /// Reads up to `batch` records from `cursor` on (up to `end`, inclusive,
@@ -343,6 +362,9 @@ mod tests {
         assert_eq!(pause_share(minute * 2, minute), 1.0);
         assert_eq!(pause_share(minute * 4, minute), 0.5);
         assert!(pause_share(minute * 400, minute) < 0.01);
+        assert_eq!(batch_scale(1.0), 1);
+        assert_eq!(batch_scale(0.5), 2);
+        assert_eq!(batch_scale(0.001), MAX_SCALE);
     }
 
     /// Expired pending claims forgotten at once, as expired done records.
