@@ -616,7 +616,10 @@ pub fn consumer_soak(messages: u64) -> String {
         for n in 0..messages {
             store.try_claim(&key(n), ttl).await.expect("claim");
             store.mark_done(&key(n)).await.expect("done");
-            clock.advance(Duration::from_micros(100));
+            // The clock counts whole milliseconds: 1 ms every ten messages.
+            if (n + 1) % 10 == 0 {
+                clock.advance(Duration::from_millis(1));
+            }
             if (n + 1) % 100_000 == 0 {
                 store.sweep_expired().await.expect("sweep");
             }

@@ -1,27 +1,36 @@
 //! The expiry index: where the sweeper finds forgotten records without
 //! reading every record.
 //!
-//! A separate index insert per claim would cost what SPEC §3 measured (two
-//! inserts per claim ran at ≈ 0.2–0.3× of one). Instead, every write of a record
-//! leaves an in-memory *note* (namespace, key, the instant the record is
-//! forgotten), and the notes gathered since the last time are written as a
-//! few index entries at once, before sled is flushed: by every periodic
-//! flush, by a group commit once 1,024 notes wait, by every sweep and by
-//! the close. An entry's key is the second
-//! in which its records are forgotten (big endian, so entries sort by time)
-//! and a unique sequence number; its value lists the keys. A sweep reads
-//! only the entries whose second has begun, so its cost grows with what it
-//! removes, not with the size of the database.
+//! A separate index insert per claim would cost what the README's design
+//! measurements found (two inserts per claim ran at ≈ 0.2–0.3× of one).
+//! Instead, every write of a record leaves an in-memory *note* (namespace,
+//! key, the instant a sweep must look at the record), and the notes
+//! gathered since the last time are written as a few index entries at
+//! once, before sled is flushed: by every periodic flush, by a group commit
+//! once 1,024 notes wait, by every sweep and by the close. An entry's key
+//! is the second in which its records fall due (big endian, so entries
+//! sort by time) and a unique sequence number; its value lists the keys. A
+//! sweep reads only the entries whose second has begun, so its cost grows
+//! with what it removes, not with the size of the database.
+//!
+//! A write notes its record at its *expiry* (`Retention::due_at`), not at
+//! the instant it is forgotten: a pending claim is remembered for
+//! `pending_retention` (a day by default) after its expiry, but most claims
+//! end long before (done, released), and the note of an ended claim then
+//! lives for the claim's ttl, not for a day. What the index keeps follows
+//! the records that are live or remembered, not the messages seen.
 //!
 //! Why no record escapes sweeping forever:
 //!
-//! 1. Every write that stores a record notes the instant it is forgotten
-//!    (`machine::Retention::forgotten_at`), after the write landed.
+//! 1. Every write that stores a record notes it at its expiry, after the
+//!    write landed.
 //! 2. A sweep of an entry removes the noted records that are forgotten (a
-//!    compare-and-swap on the bytes it read), keeps the notes whose record
-//!    is forgotten within the entry's second but not yet, and drops the
-//!    rest: a key now absent, or holding a record written later — and that
-//!    later write left its own note (1).
+//!    compare-and-swap on the bytes it read); keeps the notes whose record
+//!    falls due within the entry's second but not yet; notes again, at
+//!    the instant it is forgotten, a claim that expired and is still
+//!    remembered (the note it reads is that claim's expiry note, or an
+//!    older one); and drops the rest: a key now absent, or holding a record
+//!    written later — and that later write left its own note (1).
 //! 3. Notes live in memory until written, so a crash can lose notes of
 //!    records that reached the disk (sled writes its log out in the
 //!    background too). A *complete* marker in the metadata tree says "every
@@ -90,7 +99,9 @@ struct Spares {
 /// Records stored per namespace, recorded with the marker.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
-    /// Exact, or an estimate made after a crash (see `Stats::records_exact`).
+    /// Always true when written by this version (counts are stored only
+    /// once exact); false in counts an older version estimated after a
+    /// crash, which an open counts again.
     pub(crate) exact: bool,
     /// Namespace, pending records, done records.
     pub(crate) spaces: Vec<(String, u64, u64)>,
