@@ -13,7 +13,8 @@ pub(crate) enum Count {
     Releases,
     LeaseConflicts,
     Swept,
+    Slowed,
 }
 
 /// Number of [`Count`]s.
-pub(crate) const COUNTS: usize = 9;
+pub(crate) const COUNTS: usize = 10;

@@ -15,6 +15,7 @@
 //! | `sled_idempotency_releases_total` | pending claims given back (`release`, `abandon`) |
 //! | `sled_idempotency_lease_conflicts_total` | lease operations refused: the lease was lost |
 //! | `sled_idempotency_swept_total` | expired records removed |
+//! | `sled_idempotency_claims_slowed_total` | claims made to wait for a sweeper that had fallen behind |
 //!
 //! Labelled `durability` only (the database's, not a namespace's):
 //!
@@ -74,6 +75,7 @@ impl Meters {
             Count::Releases => counter!("sled_idempotency_releases_total", &labels),
             Count::LeaseConflicts => counter!("sled_idempotency_lease_conflicts_total", &labels),
             Count::Swept => counter!("sled_idempotency_swept_total", &labels),
+            Count::Slowed => counter!("sled_idempotency_claims_slowed_total", &labels),
         };
         Self {
             counters: [
@@ -86,6 +88,7 @@ impl Meters {
                 of(Count::Releases),
                 of(Count::LeaseConflicts),
                 of(Count::Swept),
+                of(Count::Slowed),
             ],
             claim_seconds: histogram!("sled_idempotency_claim_seconds", &labels),
         }

@@ -29,6 +29,10 @@ pub struct Stats {
     pub lease_conflicts: u64,
     /// Expired records removed by the sweeper.
     pub swept: u64,
+    /// Claims made to wait before they were acknowledged because the
+    /// sweeper had fallen more than two sweep intervals behind
+    /// (back-pressure: see "The sweeper" in the README).
+    pub claims_slowed: u64,
     /// Pending records stored now, live or expired and not swept yet. Kept
     /// up to date by every write, not counted by a scan: `stats` reads no
     /// record. (`Admin::census` counts live and expired records exactly,
@@ -274,6 +278,7 @@ impl Counters {
             releases: get(Count::Releases),
             lease_conflicts: get(Count::LeaseConflicts),
             swept: get(Count::Swept),
+            claims_slowed: get(Count::Slowed),
             ..Stats::default()
         }
     }

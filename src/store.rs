@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bus_core::MessageId;
 use sled::IVec;
-use tokio::sync::{RwLock, watch};
+use tokio::sync::{OwnedRwLockReadGuard, RwLock, RwLockReadGuard, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, millis};
@@ -29,6 +29,7 @@ use crate::sled::keyspace::{cas, decode_at, key_bytes, next_token, remove};
 use crate::sled::open::{
     LOCK_RELEASE_WAIT, canonical, namespace_tree, open_db, release, releasing, wait_until_released,
 };
+use crate::sled::pressure::Pressure;
 use crate::sled::sweeper::{self, SweepReport};
 use crate::stats::{Counters, Recount, Stats};
 use crate::sync::lock;
@@ -106,6 +107,8 @@ pub(crate) struct Inner {
     /// Does the expiry index cover every record? (`Expiries::complete`;
     /// marked by a full scan.)
     indexed: Arc<Completeness>,
+    /// Back-pressure from a sweeper that has fallen behind (`pressure`).
+    pressure: Arc<Pressure>,
 }
 
 /// How a `close` ended, kept for every other `close` call.
@@ -268,6 +271,7 @@ impl SledIdempotencyStore {
             format_found,
             durability: b.durability,
             indexed,
+            pressure: Arc::default(),
         });
         let task = sweeper::spawn(Arc::downgrade(&inner), b.sweep_interval, stop_rx);
         *lock(&inner.sweeper) = Some(task);
@@ -565,7 +569,7 @@ impl SledIdempotencyStore {
         }
         let mut cursor = sweeper::Cursor::default();
         loop {
-            let batch = self.inner.due_batch(cursor).await?;
+            let batch = self.run_batch(self.inner.due_batch(cursor)).await?;
             total += batch.report;
             let Some(next) = batch.next else {
                 return Ok(total);
@@ -573,6 +577,19 @@ impl SledIdempotencyStore {
             cursor = next;
             sweeper::pace(batch.took, batch.pause).await;
         }
+    }
+
+    /// Runs one sweep batch on a blocking thread, with the state lock taken
+    /// here first: dropping this future before the batch has its lock runs
+    /// no batch, and once it has it, the batch holds it until it is over,
+    /// so a later writer of the state (creating a namespace, closing) waits
+    /// for the batch.
+    async fn run_batch<F>(&self, job: F) -> Result<sweeper::Batch>
+    where
+        F: FnOnce(Option<Taken>) -> Result<sweeper::Batch> + Send + 'static,
+    {
+        let taken = self.inner.state.clone().read_owned().await;
+        blocking(move || job(Some(taken))).await
     }
 
     /// Reads every record of every namespace, batch by batch, removing the
@@ -590,7 +607,9 @@ impl SledIdempotencyStore {
         while let Some(space) = self.inner.space_at(index) {
             let mut cursor = sweeper::Cursor::default();
             loop {
-                let batch = self.inner.sweep_batch(space.clone(), cursor).await?;
+                let batch = self
+                    .run_batch(self.inner.sweep_batch(space.clone(), cursor))
+                    .await?;
                 total += batch.report;
                 if let Some(progress) = progress {
                     progress(total.examined);
@@ -772,15 +791,15 @@ impl Inner {
         }
     }
 
-    /// One batch of a sweep of `space` from `cursor` on, as a future that
-    /// holds no reference to the store (the background sweeper awaits it
-    /// after letting go of its `Arc`). The scan and the removals run on a
-    /// blocking thread. A latched store sweeps nothing.
+    /// One batch of a sweep of `space` from `cursor` on, as a job for a
+    /// blocking thread that holds no reference to the store (the background
+    /// sweeper runs it after letting go of its `Arc`). It waits for the
+    /// store's state lock itself. A latched store sweeps nothing.
     pub(crate) fn sweep_batch(
         &self,
         space: Arc<Space>,
         mut cursor: sweeper::Cursor,
-    ) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
+    ) -> impl FnOnce(Option<Taken>) -> Result<sweeper::Batch> + Send + 'static {
         let SweepTools {
             state,
             clock,
@@ -788,103 +807,100 @@ impl Inner {
             size,
             removed_tokens,
         } = self.sweep_tools();
-        async move {
-            let guard = state.read_owned().await;
-            blocking(move || {
-                let started = Instant::now();
-                let open = guard.as_ref().ok_or(Error::Closed)?;
-                open.flusher.check()?;
-                let tree = open.trees.get(space.index).ok_or(Error::Closed)?;
-                let done = |report| sweeper::Batch {
-                    report,
-                    next: None,
-                    took: started.elapsed(),
-                    pause: 1.0,
+        move |taken| {
+            let guard = hold(&state, taken);
+            let started = Instant::now();
+            let open = guard.as_ref().ok_or(Error::Closed)?;
+            open.flusher.check()?;
+            let tree = open.trees.get(space.index).ok_or(Error::Closed)?;
+            let done = |report| sweeper::Batch {
+                report,
+                next: None,
+                took: started.elapsed(),
+                pause: 1.0,
+            };
+            // A batch of a count after a crash holds the count's span
+            // while it reads and counts (see `Stored`).
+            let mut counting = space.stored.counting();
+            if let Some(span) = counting.as_deref_mut()
+                && *span == Recount::NotBegun
+            {
+                // The first counting batch: the count ends at the last key.
+                *span = match last_key(tree)? {
+                    Some(end) => Recount::Counting {
+                        passed: Vec::new(),
+                        end,
+                    },
+                    None => Recount::Finished,
                 };
-                // A batch of a count after a crash holds the count's span
-                // while it reads and counts (see `Stored`).
-                let mut counting = space.stored.counting();
-                if let Some(span) = counting.as_deref_mut()
-                    && *span == Recount::NotBegun
+            }
+            if let Some(Recount::Counting { end, .. }) = counting.as_deref() {
+                // Every key after the count's end was written since it
+                // began, and noted by its writer.
+                cursor.end = Some(end.clone());
+            } else if cursor.end.is_none() {
+                // First batch: fix the end of this sweep at the current last key.
+                match last_key(tree)? {
+                    Some(last) => cursor.end = Some(last),
+                    None => {
+                        if let Some(span) = counting.as_deref_mut() {
+                            space.stored.passed(span, None);
+                        }
+                        return Ok(done(SweepReport::default()));
+                    }
+                }
+            }
+            let now = clock.now_millis();
+            // The backstop: while the index is incomplete, note every
+            // record the scan keeps.
+            let renote = !open.expiries.complete();
+            let mut noted = Ok(());
+            let mut kept = |key: &[u8], record: &Record| {
+                if let Some(span) = counting.as_deref() {
+                    space.stored.counted(span, key, Some(record.state), None);
+                }
+                if renote
+                    && noted.is_ok()
+                    && let Ok(key) = <[u8; 16]>::try_from(key)
                 {
-                    // The first counting batch: the count ends at the last key.
-                    *span = match last_key(tree)? {
-                        Some(end) => Recount::Counting {
-                            passed: Vec::new(),
-                            end,
-                        },
-                        None => Recount::Finished,
-                    };
-                }
-                if let Some(Recount::Counting { end, .. }) = counting.as_deref() {
-                    // Every key after the count's end was written since it
-                    // began, and noted by its writer.
-                    cursor.end = Some(end.clone());
-                } else if cursor.end.is_none() {
-                    // First batch: fix the end of this sweep at the current last key.
-                    match last_key(tree)? {
-                        Some(last) => cursor.end = Some(last),
-                        None => {
-                            if let Some(span) = counting.as_deref_mut() {
-                                space.stored.passed(span, None);
-                            }
-                            return Ok(done(SweepReport::default()));
-                        }
+                    let due = rules.due_at(record, now);
+                    if open.expiries.note(space.index, key, due) {
+                        noted = open.expiries.write();
                     }
                 }
-                let now = clock.now_millis();
-                // The backstop: while the index is incomplete, note every
-                // record the scan keeps.
-                let renote = !open.expiries.complete();
-                let mut noted = Ok(());
-                let mut kept = |key: &[u8], record: &Record| {
-                    if let Some(span) = counting.as_deref() {
-                        space.stored.counted(span, key, Some(record.state), None);
-                    }
-                    if renote
-                        && noted.is_ok()
-                        && let Ok(key) = <[u8; 16]>::try_from(key)
-                    {
-                        let due = rules.due_at(record, now);
-                        if open.expiries.note(space.index, key, due) {
-                            noted = open.expiries.write();
-                        }
-                    }
-                };
-                let (from, end) = (&cursor.from, cursor.end.as_deref());
-                let scan = sweeper::scan(tree, from, end, size, now, rules, &mut kept)?;
-                if renote {
-                    open.latch_on(noted.and_then(|()| open.expiries.write()))?;
+            };
+            let (from, end) = (&cursor.from, cursor.end.as_deref());
+            let scan = sweeper::scan(tree, from, end, size, now, rules, &mut kept)?;
+            if renote {
+                open.latch_on(noted.and_then(|()| open.expiries.write()))?;
+            }
+            let mut report = scan.report;
+            let removed = sweeper::remove_unchanged(tree, scan.expired, &removed_tokens);
+            let removed = open.latch_on(removed)?;
+            report.removed = removed.len() as u64;
+            for (key, state) in &removed {
+                match counting.as_deref() {
+                    Some(span) => space.stored.counted(span, key, None, Some(*state)),
+                    // Writers wait while a counting batch holds the span.
+                    None => space.stored.moved(&None, key, Some(*state), None),
                 }
-                let mut report = scan.report;
-                let removed = sweeper::remove_unchanged(tree, scan.expired, &removed_tokens);
-                let removed = open.latch_on(removed)?;
-                report.removed = removed.len() as u64;
-                for (key, state) in &removed {
-                    match counting.as_deref() {
-                        Some(span) => space.stored.counted(span, key, None, Some(*state)),
-                        // Writers wait while a counting batch holds the span.
-                        None => space.stored.moved(&None, key, Some(*state), None),
-                    }
-                    if let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
-                        space.pending.ended(tree, &key);
-                    }
+                if let Ok(key) = <[u8; 16]>::try_from(key.as_ref()) {
+                    space.pending.ended(tree, &key);
                 }
-                if let Some(span) = counting.as_deref_mut() {
-                    let last = scan.next.as_ref().and(scan.last.as_deref());
-                    space.stored.passed(span, last);
-                }
-                drop(counting);
-                space.counters.add(Count::Swept, report.removed);
-                let mut batch = done(report);
-                batch.next = scan.next.map(|from| sweeper::Cursor {
-                    from,
-                    end: cursor.end,
-                    scale: 1,
-                });
-                Ok(batch)
-            })
-            .await
+            }
+            if let Some(span) = counting.as_deref_mut() {
+                let last = scan.next.as_ref().and(scan.last.as_deref());
+                space.stored.passed(span, last);
+            }
+            drop(counting);
+            space.counters.add(Count::Swept, report.removed);
+            let mut batch = done(report);
+            batch.next = scan.next.map(|from| sweeper::Cursor {
+                from,
+                end: cursor.end,
+                scale: 1,
+            });
+            Ok(batch)
         }
     }
 }
@@ -895,6 +911,37 @@ fn last_key(tree: &sled::Tree) -> Result<Option<Vec<u8>>> {
         .last()
         .map_err(Error::storage("finding the last record"))?;
     Ok(last.map(|(key, _)| key.to_vec()))
+}
+
+/// The store's state, read-locked by an async caller before a sweep batch
+/// moves to its blocking thread.
+type Taken = OwnedRwLockReadGuard<Option<Open>>;
+
+/// The store's state read-locked for one sweep batch.
+enum Held<'a> {
+    /// Locked by the caller (`Taken`).
+    Taken(Taken),
+    /// Locked by the batch on its blocking thread (the background sweeper).
+    Waited(RwLockReadGuard<'a, Option<Open>>),
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Option<Open>;
+
+    fn deref(&self) -> &Option<Open> {
+        match self {
+            Held::Taken(guard) => guard,
+            Held::Waited(guard) => guard,
+        }
+    }
+}
+
+/// The lock `taken` by the caller, or else this blocking thread's own.
+fn hold(state: &RwLock<Option<Open>>, taken: Option<Taken>) -> Held<'_> {
+    match taken {
+        Some(taken) => Held::Taken(taken),
+        None => Held::Waited(state.blocking_read()),
+    }
 }
 
 /// What a sweep batch takes along to its blocking thread instead of the
@@ -918,13 +965,13 @@ impl Inner {
         }
     }
 
-    /// One batch of a sweep of the due expiry index entries, as a future
-    /// that holds no reference to the store. Its `next` is `Some` while more
-    /// entries are due. Runs on a blocking thread.
+    /// One batch of a sweep of the due expiry index entries, as a job for
+    /// a blocking thread that holds no reference to the store. Its `next`
+    /// is `Some` while more entries are due.
     pub(crate) fn due_batch(
         &self,
         cursor: sweeper::Cursor,
-    ) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
+    ) -> impl FnOnce(Option<Taken>) -> Result<sweeper::Batch> + Send + 'static {
         let SweepTools {
             state,
             clock,
@@ -934,55 +981,57 @@ impl Inner {
         } = self.sweep_tools();
         let spaces = self.spaces.clone();
         let interval = self.sweep_interval;
-        async move {
-            let guard = state.read_owned().await;
-            blocking(move || {
-                let started = Instant::now();
-                let open = guard.as_ref().ok_or(Error::Closed)?;
-                open.flusher.check()?;
-                // Read under the state lock: a namespace created before
-                // this batch began is in it (namespaces grow under the
-                // write lock), and so are the entries its writes noted.
-                let spaces = lock(&spaces).clone();
-                let find = |name: &str| spaces.iter().find(|s| *s.name == *name);
-                let tree = |space: &Space| open.trees.get(space.index);
-                let by_name = |name: &str| find(name).and_then(|s| tree(s)).cloned();
-                let now = clock.now_millis();
-                // The first batch fixes where this sweep ends.
-                let end = cursor.end.unwrap_or_else(|| Expiries::due_end(now));
-                let size = size.saturating_mul(cursor.scale.max(1));
-                let batch = (&cursor.from[..], &end[..], size);
-                // Held from before the removals until the counts moved (a
-                // namespace being counted after a crash: see `Stored`).
-                let passes: Vec<_> = spaces.iter().map(|s| s.stored.pass_blocking()).collect();
-                let due = open
-                    .expiries
-                    .sweep_due(&by_name, now, rules, batch, &removed_tokens);
-                let due = open.latch_on(due)?;
-                for (name, key, state) in &due.removed {
-                    if let Some(space) = find(name)
-                        && let Some(tree) = tree(space)
-                    {
-                        space.pending.ended(tree, key);
-                        let pass = passes.get(space.index).unwrap_or(&None);
-                        space.stored.moved(pass, key, Some(*state), None);
-                        space.counters.add(Count::Swept, 1);
-                    }
+        let pressure = self.pressure.clone();
+        move |taken| {
+            let guard = hold(&state, taken);
+            let started = Instant::now();
+            let open = guard.as_ref().ok_or(Error::Closed)?;
+            open.flusher.check()?;
+            // Read under the state lock: a namespace created before
+            // this batch began is in it (namespaces grow under the
+            // write lock), and so are the entries its writes noted.
+            let spaces = lock(&spaces).clone();
+            let find = |name: &str| spaces.iter().find(|s| *s.name == *name);
+            let tree = |space: &Space| open.trees.get(space.index);
+            let by_name = |name: &str| find(name).and_then(|s| tree(s)).cloned();
+            let now = clock.now_millis();
+            // The first batch fixes where this sweep ends.
+            let end = cursor.end.unwrap_or_else(|| Expiries::due_end(now));
+            let size = size.saturating_mul(cursor.scale.max(1));
+            let batch = (&cursor.from[..], &end[..], size);
+            // Held from before the removals until the counts moved (a
+            // namespace being counted after a crash: see `Stored`).
+            let passes: Vec<_> = spaces.iter().map(|s| s.stored.pass_blocking()).collect();
+            let due = open
+                .expiries
+                .sweep_due(&by_name, now, rules, batch, &removed_tokens);
+            let due = open.latch_on(due).inspect_err(|_| pressure.relax())?;
+            for (name, key, state) in &due.removed {
+                if let Some(space) = find(name)
+                    && let Some(tree) = tree(space)
+                {
+                    space.pending.ended(tree, key);
+                    let pass = passes.get(space.index).unwrap_or(&None);
+                    space.stored.moved(pass, key, Some(*state), None);
+                    space.counters.add(Count::Swept, 1);
                 }
-                let behind = Duration::from_millis(now.saturating_sub(due.oldest_due));
-                let pause = sweeper::pause_share(behind, interval);
-                Ok(sweeper::Batch {
-                    report: due.report,
-                    pause,
-                    next: due.next.map(|from| sweeper::Cursor {
-                        from,
-                        end: Some(end),
-                        scale: sweeper::batch_scale(pause),
-                    }),
-                    took: started.elapsed(),
-                })
+            }
+            let behind = Duration::from_millis(now.saturating_sub(due.oldest_due));
+            let pause = sweeper::pause_share(behind, interval);
+            match due.next {
+                Some(_) => pressure.after_batch(due.report.removed, pause),
+                None => pressure.relax(),
+            }
+            Ok(sweeper::Batch {
+                report: due.report,
+                pause,
+                next: due.next.map(|from| sweeper::Cursor {
+                    from,
+                    end: Some(end),
+                    scale: sweeper::batch_scale(pause),
+                }),
+                took: started.elapsed(),
             })
-            .await
         }
     }
 }
@@ -992,16 +1041,17 @@ impl sweeper::Sweep for Inner {
         &self,
         index: usize,
         cursor: sweeper::Cursor,
-    ) -> Option<impl Future<Output = Result<sweeper::Batch>> + Send + 'static> {
-        let space = self.space_at(index)?;
-        Some(self.sweep_batch(space, cursor))
+    ) -> Option<impl FnOnce() -> Result<sweeper::Batch> + Send + 'static> {
+        let job = self.sweep_batch(self.space_at(index)?, cursor);
+        Some(move || job(None))
     }
 
     fn due(
         &self,
         cursor: sweeper::Cursor,
-    ) -> impl Future<Output = Result<sweeper::Batch>> + Send + 'static {
-        self.due_batch(cursor)
+    ) -> impl FnOnce() -> Result<sweeper::Batch> + Send + 'static {
+        let job = self.due_batch(cursor);
+        move || job(None)
     }
 
     fn needs_scan(&self) -> bool {
@@ -1095,6 +1145,12 @@ impl Engine for SledIdempotencyStore {
                 open.flusher.flush_soon();
             }
             drop(pass);
+            if let Some(wait) = self.inner.pressure.admit() {
+                // The sweeper has fallen behind: this writer creates its
+                // next record no sooner than the sweeper can remove one.
+                self.space.counters.add(Count::Slowed, 1);
+                tokio::time::sleep(wait).await;
+            }
             open.flusher.write_completed().await?;
             return Ok(Acquired::Lease {
                 token,

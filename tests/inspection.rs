@@ -118,6 +118,7 @@ async fn stats_count_a_scripted_sequence_exactly() -> TestResult {
         releases: 2,
         lease_conflicts: 2,
         swept: 1,
+        claims_slowed: 0,
         // Stored, not live: key 6 expired but is remembered (not sweepable).
         records_pending: 2,
         records_done: 2,

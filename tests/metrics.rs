@@ -111,6 +111,7 @@ async fn counters_match_a_known_sequence_exactly() -> TestResult {
             counter("sled_idempotency_releases_total", ns, &[]),
             counter("sled_idempotency_lease_conflicts_total", ns, &[]),
             counter("sled_idempotency_swept_total", ns, &[]),
+            counter("sled_idempotency_claims_slowed_total", ns, &[]),
         ];
         let from_stats = [
             stats.claims,
@@ -122,11 +123,12 @@ async fn counters_match_a_known_sequence_exactly() -> TestResult {
             stats.releases,
             stats.lease_conflicts,
             stats.swept,
+            stats.claims_slowed,
         ];
         assert_eq!(got, from_stats, "{ns}: metrics and stats() agree");
         let expected = match ns {
-            "default" => [5, 1, 1, 1, 2, 1, 1, 1, 0],
-            _ => [2, 0, 0, 0, 1, 0, 0, 0, 1],
+            "default" => [5, 1, 1, 1, 2, 1, 1, 1, 0, 0],
+            _ => [2, 0, 0, 0, 1, 0, 0, 0, 1, 0],
         };
         assert_eq!(got, expected, "{ns}");
     }

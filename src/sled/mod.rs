@@ -17,6 +17,7 @@ pub(crate) mod expiry;
 pub(crate) mod flusher;
 pub(crate) mod keyspace;
 pub(crate) mod open;
+pub(crate) mod pressure;
 pub(crate) mod sweeper;
 
 use expiry::Expiries;
