@@ -122,12 +122,12 @@ async fn claim_while(
     latencies
 }
 
-/// Claim p99 latency with the store idle, then while `sweep_expired`
-/// removes `settings.big` expired records, per durability mode.
+/// Claim p99 latency with the store idle, then while the background
+/// sweeper removes `settings.big` expired records, per durability mode.
 pub fn sweep_impact(settings: &Settings) -> String {
     let rt = runtime();
     let mut out = format!(
-        "Claim latency during a sweep of {} expired records (one task claiming new keys):\n\n| durability | idle p50 | idle p99 | during sweep p50 | during sweep p99 | sweep p99 ÷ idle p99 | sweep took |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "Claim latency while the background sweeper removes {} expired records (one task claiming new keys):\n\n| durability | idle p50 | idle p99 | during sweep p50 | during sweep p99 | sweep p99 ÷ idle p99 | sweep took |\n|---|---:|---:|---:|---:|---:|---:|\n",
         settings.big
     );
     for (name, durability) in [
@@ -145,36 +145,49 @@ pub fn sweep_impact(settings: &Settings) -> String {
             )
             .await;
             store.close().await.expect("close");
+            // The background sweeper, woken every second (its first sweep
+            // begins within a second of the clock's jump).
             let store = SledIdempotencyStore::builder(dir.path().join("db"))
                 .clock(clock.clone())
                 .durability(durability)
+                .sweep_interval(Duration::from_secs(1))
                 .open()
                 .await
                 .expect("open");
-            // Past the claims' expiry and their pending retention.
-            clock.advance(Duration::from_secs(1) + DEFAULT_PENDING_RETENTION);
             let measure = settings.measure;
             let start = Instant::now();
             let idle = claim_while(&store, 1 << 40, |_| start.elapsed() < measure).await;
             let idle = Sample::merge(vec![idle], start.elapsed());
+            // Past the claims' expiry and their pending retention.
+            clock.advance(Duration::from_secs(1) + DEFAULT_PENDING_RETENTION);
+            let swept = |store: &SledIdempotencyStore| {
+                let store = store.clone();
+                async move { store.stats().await.expect("stats").swept }
+            };
+            // Claims count from the sweep's first removal to its last.
+            let before = swept(&store).await;
+            while swept(&store).await == before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let started = Instant::now();
             let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let sweeper = {
-                let (store, done) = (store.clone(), done.clone());
+            let watcher = {
+                let (store, done, big) = (store.clone(), done.clone(), settings.big);
                 tokio::spawn(async move {
-                    let start = Instant::now();
-                    let report = store.sweep_expired().await.expect("sweep");
+                    while swept(&store).await < before + big {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     done.store(true, std::sync::atomic::Ordering::SeqCst);
-                    (report, start.elapsed())
+                    started.elapsed()
                 })
             };
-            let start = Instant::now();
             let busy = claim_while(&store, 1 << 41, |_| {
                 !done.load(std::sync::atomic::Ordering::SeqCst)
             })
             .await;
-            let busy = Sample::merge(vec![busy], start.elapsed());
-            let (report, took) = sweeper.await.expect("sweep task");
-            assert_eq!(report.removed, settings.big);
+            let busy = Sample::merge(vec![busy], started.elapsed());
+            let took = watcher.await.expect("watcher task");
+            assert_eq!(swept(&store).await, before + settings.big);
             store.close().await.expect("close");
             (idle, busy, took)
         });
@@ -753,7 +766,7 @@ fn soak(claims: u64, live: u64) -> String {
 /// what 5 s of messages leave live.
 pub fn keep_up(secs: u64) -> String {
     let mut out = format!(
-        "Sweeper against the store's sustained rate ({secs} s per row, claim + `mark_done` of new keys, done retention 5 s, `sweep_interval` 2 s, default batch and pacing, real clock):\n\n| durability | tasks | messages/s | swept/s (after the first 5 s) | records stored at the end | of which due for removal |\n|---|---:|---:|---:|---:|---:|\n"
+        "Sweeper against the store's sustained rate ({secs} s per row, claim + `mark_done` of new keys, done retention 5 s, `sweep_interval` 2 s, default batch and pacing, real clock):\n\n| durability | tasks | messages/s | swept/s (after the first 5 s) | records stored halfway | records stored at the end | of which due for removal | claims slowed |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     let periodic = Durability::Periodic(Duration::from_millis(100));
     for (durability, tasks) in [
@@ -762,6 +775,14 @@ pub fn keep_up(secs: u64) -> String {
         (Durability::Sync, 1),
         (Durability::Sync, 64),
     ] {
+        // KEEPUP_ROWS=periodic or sync, or =periodic:64: only those rows.
+        if let Ok(only) = std::env::var("KEEPUP_ROWS") {
+            let name = format!("{durability:?}").to_lowercase();
+            let (kind, count) = only.split_once(':').unwrap_or((&only, ""));
+            if !name.starts_with(kind) || !(count.is_empty() || count == tasks.to_string()) {
+                continue;
+            }
+        }
         let rt = runtime();
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
@@ -795,26 +816,42 @@ pub fn keep_up(secs: u64) -> String {
                     })
                 })
                 .collect();
+            let halfway = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(secs) / 2).await;
+                    let stats = store.stats().await.expect("stats");
+                    stats.records_done + stats.records_pending
+                })
+            };
             let mut messages = 0;
             for w in workers {
                 messages += w.await.expect("worker");
             }
             let elapsed = started.elapsed().as_secs_f64();
+            let halfway = halfway.await.expect("halfway");
             let stats = store.stats().await.expect("stats");
             let stored = stats.records_done + stats.records_pending;
             let live = store.admin().census().await.expect("census");
-            let store = Arc::try_unwrap(store).ok().expect("one handle");
+            let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("one handle"));
             store.close().await.expect("close");
             (
                 messages as f64 / elapsed,
                 stats.swept as f64 / (elapsed - 5.0).max(1.0),
+                halfway,
                 stored,
                 live.sweepable,
+                stats.claims_slowed as f64 / messages.max(1) as f64,
             )
         });
         out.push_str(&format!(
-            "| {durability:?} | {tasks} | {:.0} | {:.0} | {} | {} |\n",
-            row.0, row.1, row.2, row.3
+            "| {durability:?} | {tasks} | {:.0} | {:.0} | {} | {} | {} | {:.0} % |\n",
+            row.0,
+            row.1,
+            row.2,
+            row.3,
+            row.4,
+            row.5 * 100.0
         ));
     }
     out
