@@ -436,3 +436,84 @@ impl Engine for RedisEngine {
         )
     }
 }
+
+/// This disk's own limit for one durable writer: 4 KiB writes, each
+/// followed by fdatasync, the loop a write-ahead log runs. `preallocated`
+/// writes over a file already written and synced to its full size (nothing
+/// but data to commit, as a reused log segment); otherwise each write
+/// appends to a growing file (its size is metadata the sync must commit
+/// too).
+pub struct Device {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    preallocated: bool,
+}
+
+/// Size of the preallocated file: the writes wrap around inside it.
+const DEVICE_FILE: u64 = 64 << 20;
+const DEVICE_WRITE: usize = 4096;
+
+impl Device {
+    pub fn open(preallocated: bool) -> Device {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("device");
+        let mut file = std::fs::File::create(&path).expect("create");
+        if preallocated {
+            // Written, not fallocate'd: unwritten extents would make every
+            // first write of a block commit an extent conversion.
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..DEVICE_FILE >> 20 {
+                file.write_all(&zeros).expect("preallocate");
+            }
+        }
+        file.sync_all().expect("sync");
+        std::fs::File::open(dir.path())
+            .and_then(|d| d.sync_all())
+            .expect("sync the directory");
+        Device {
+            _dir: dir,
+            path,
+            preallocated,
+        }
+    }
+}
+
+impl Engine for Device {
+    fn label(&self) -> String {
+        format!(
+            "this disk: 4 KiB write + fdatasync, {}",
+            if self.preallocated {
+                "preallocated file"
+            } else {
+                "appending to a growing file"
+            }
+        )
+    }
+
+    fn run(&self, tasks: usize, settings: &Settings) -> Sample {
+        use std::os::unix::fs::FileExt;
+        let block = [0x5au8; DEVICE_WRITE];
+        let offset = AtomicU64::new(0);
+        run_threads(
+            tasks,
+            settings,
+            || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&self.path)
+                    .expect("open")
+            },
+            |file, _| {
+                let at = offset.fetch_add(DEVICE_WRITE as u64, Ordering::Relaxed);
+                let at = if self.preallocated {
+                    at % DEVICE_FILE
+                } else {
+                    at
+                };
+                file.write_all_at(&block, at).expect("write");
+                file.sync_data().expect("fdatasync");
+            },
+        )
+    }
+}

@@ -14,7 +14,7 @@ mod sample;
 
 use std::time::Duration;
 
-use engines::{Engine, Ours, RawSled, Redis, Sqlite};
+use engines::{Device, Engine, Ours, RawSled, Redis, Sqlite};
 use measure::Row;
 use sample::Sample;
 use sled_idempotency::Durability;
@@ -114,7 +114,8 @@ fn main() {
     println!("{}", measure::space_and_reopen(&settings));
 }
 
-/// Claims of new keys by every engine, durable and not, 1 and 64 tasks.
+/// Claims of new keys by every engine, durable and not, 1 and 64 tasks;
+/// beside the durable single writers, this disk's own limit for one.
 fn claims(settings: &Settings, redis: Option<&Redis>) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     let periodic = Durability::Periodic(Duration::from_millis(100));
@@ -138,6 +139,11 @@ fn claims(settings: &Settings, redis: Option<&Redis>) -> Vec<Row> {
                 Ok(engine) => engines.push(Box::new(engine)),
                 Err(why) => eprintln!("redis skipped for {scenario}: {why}"),
             }
+        }
+        if durable && tasks == 1 {
+            // What one durable writer could reach on this disk.
+            engines.push(Box::new(Device::open(true)));
+            engines.push(Box::new(Device::open(false)));
         }
         let samples: Vec<(String, Sample)> = engines
             .iter()
