@@ -563,6 +563,9 @@ impl SledIdempotencyStore {
     /// format, a compaction), the first sweep also reads every record once
     /// (the backstop that re-indexes what a crash left unindexed).
     pub async fn sweep_expired(&self) -> Result<SweepReport> {
+        // However this sweep ends (dropped included), it no longer holds
+        // claims back.
+        let _ended = Ended(&self.inner);
         let mut total = SweepReport::default();
         if self.inner.needs_scan() {
             total += self.sweep_all(None, true).await?;
@@ -570,6 +573,9 @@ impl SledIdempotencyStore {
         let mut cursor = sweeper::Cursor::default();
         loop {
             let batch = self.run_batch(self.inner.due_batch(cursor)).await?;
+            // Only while this future lives: once it is dropped, `_ended`
+            // has let claims go and no batch of it holds them back again.
+            self.inner.pressure.after_batch(&batch);
             total += batch.report;
             let Some(next) = batch.next else {
                 return Ok(total);
@@ -653,6 +659,15 @@ impl SledIdempotencyStore {
             .map_err(|_| Error::Closed)?
             .clone();
         outcome.map_or(Ok(()), |closed| closed.result())
+    }
+}
+
+/// Lets claims run free when dropped: a sweep ended.
+struct Ended<'a>(&'a Inner);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.pressure.relax();
     }
 }
 
@@ -981,7 +996,6 @@ impl Inner {
         } = self.sweep_tools();
         let spaces = self.spaces.clone();
         let interval = self.sweep_interval;
-        let pressure = self.pressure.clone();
         move |taken| {
             let guard = hold(&state, taken);
             let started = Instant::now();
@@ -1005,7 +1019,7 @@ impl Inner {
             let due = open
                 .expiries
                 .sweep_due(&by_name, now, rules, batch, &removed_tokens);
-            let due = open.latch_on(due).inspect_err(|_| pressure.relax())?;
+            let due = open.latch_on(due)?;
             for (name, key, state) in &due.removed {
                 if let Some(space) = find(name)
                     && let Some(tree) = tree(space)
@@ -1018,10 +1032,6 @@ impl Inner {
             }
             let behind = Duration::from_millis(now.saturating_sub(due.oldest_due));
             let pause = sweeper::pause_share(behind, interval);
-            match due.next {
-                Some(_) => pressure.after_batch(due.report.removed, pause),
-                None => pressure.relax(),
-            }
             Ok(sweeper::Batch {
                 report: due.report,
                 pause,
@@ -1065,6 +1075,14 @@ impl sweeper::Sweep for Inner {
     fn scanned(&self, epoch: u64) {
         self.indexed.mark_complete(epoch);
     }
+
+    fn swept(&self, batch: &sweeper::Batch) {
+        self.pressure.after_batch(batch);
+    }
+
+    fn ended(&self) {
+        self.pressure.relax();
+    }
 }
 
 front::bus_core_store!(SledIdempotencyStore);
@@ -1091,6 +1109,13 @@ impl Engine for SledIdempotencyStore {
         ttl_ms: u64,
         fingerprint: Option<&[u8]>,
     ) -> Result<Acquired> {
+        if let Some(wait) = self.inner.pressure.admit() {
+            // The sweeper has fallen behind: this claim goes on no sooner
+            // than the sweeper can remove a record. It waits holding no
+            // lock, before it writes anything.
+            self.space.counters.add(Count::Slowed, 1);
+            tokio::time::sleep(wait).await;
+        }
         let guard = self.inner.state.read().await;
         let open = guard.as_ref().ok_or(Error::Closed)?;
         open.flusher.check()?;
@@ -1145,12 +1170,6 @@ impl Engine for SledIdempotencyStore {
                 open.flusher.flush_soon();
             }
             drop(pass);
-            if let Some(wait) = self.inner.pressure.admit() {
-                // The sweeper has fallen behind: this writer creates its
-                // next record no sooner than the sweeper can remove one.
-                self.space.counters.add(Count::Slowed, 1);
-                tokio::time::sleep(wait).await;
-            }
             open.flusher.write_completed().await?;
             return Ok(Acquired::Lease {
                 token,

@@ -419,3 +419,150 @@ async fn completed_claims_leave_no_notes_for_a_day() -> TestResult {
     store.close().await?;
     Ok(())
 }
+
+/// Claims of `n` fresh keys from `base` that are never completed: each
+/// expires after a second and is remembered for the pending retention.
+async fn abandoned(
+    store: &sled_idempotency::SledIdempotencyStore,
+    base: u128,
+    n: u128,
+) -> TestResult {
+    for k in base..base + n {
+        store.try_claim(&id(k), Duration::from_secs(1)).await?;
+    }
+    Ok(())
+}
+
+/// A store swept only when asked, one note per first batch, so a test can
+/// watch a sweep behind.
+async fn one_batch_at_a_time(
+    fx: &Fixture,
+) -> Result<sled_idempotency::SledIdempotencyStore, Error> {
+    fx.builder()
+        .sweep_interval(Duration::from_secs(3600))
+        .sweep_batch(1)
+        .open()
+        .await
+}
+
+/// `sweep_expired()` on a task of its own.
+fn sweep_in_background(
+    store: &sled_idempotency::SledIdempotencyStore,
+) -> tokio::task::JoinHandle<Result<sled_idempotency::SweepReport, Error>> {
+    let store = store.clone();
+    tokio::spawn(async move { store.sweep_expired().await })
+}
+
+/// A sweep far behind on notes it cannot act on yet (claims expired but
+/// remembered, noted again for when they are forgotten) removes nothing,
+/// so nothing says writers outpace it: no claim is slowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_behind_on_notes_it_cannot_act_on_slows_no_claim() -> TestResult {
+    let fx = Fixture::new();
+    let store = one_batch_at_a_time(&fx).await?;
+    abandoned(&store, 0, 3_000).await?;
+    // Three hours: more than two sweep intervals behind, within the
+    // pending retention.
+    fx.advance(Duration::from_secs(3 * 3600));
+    let sweep = sweep_in_background(&store);
+    let mut k = 1 << 40;
+    while !sweep.is_finished() {
+        store.try_claim(&id(k), TTL).await?;
+        k += 1;
+    }
+    assert_eq!(sweep.await??.removed, 0);
+    let stats = store.stats().await?;
+    assert!(k > 1 << 40, "claims ran beside the sweep");
+    assert_eq!(stats.claims_slowed, 0);
+    store.close().await?;
+    Ok(())
+}
+
+/// A `sweep_expired()` dropped while it is behind (a timeout around it)
+/// lets claims go: none is slowed once it is gone, however fast they come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sweep_slows_no_claim_after_it() -> TestResult {
+    let fx = Fixture::new();
+    let store = one_batch_at_a_time(&fx).await?;
+    abandoned(&store, 0, 20_000).await?;
+    // Forgotten, and a day behind.
+    fx.advance(DEFAULT_PENDING_RETENTION + Duration::from_secs(2));
+    let sweep = sweep_in_background(&store);
+    // Batches of 64 (the most a sweep this far behind reads): past the
+    // first, which only starts measuring the sweep's rate.
+    while store.stats().await?.swept < 256 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(!sweep.is_finished(), "the sweep is dropped half way");
+    sweep.abort();
+    assert!(sweep.await.is_err_and(|e| e.is_cancelled()));
+    let slowed = store.stats().await?.claims_slowed;
+    let claimers: Vec<_> = (0..64u128)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for k in 0..50 {
+                    store.try_claim(&id((1 << 40) + t * 1_000 + k), TTL).await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for claimer in claimers {
+        claimer.await??;
+    }
+    assert_eq!(store.stats().await?.claims_slowed, slowed);
+    store.close().await?;
+    Ok(())
+}
+
+/// A clock that panics once, when armed, on any thread but the test's.
+#[derive(Debug, Clone)]
+struct PanicsOnce {
+    clock: sled_idempotency::ManualClock,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    test: std::thread::ThreadId,
+}
+
+impl sled_idempotency::Clock for PanicsOnce {
+    fn now_millis(&self) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        if std::thread::current().id() != self.test && self.armed.swap(false, SeqCst) {
+            panic!("a panic in a sweep batch");
+        }
+        self.clock.now_millis()
+    }
+}
+
+/// A sweep batch that panics (sled panics on some damaged data) stops that
+/// sweep only: the sweeper sweeps again at its next period.
+#[tokio::test] // current thread: every claim reads the clock on the test's thread
+async fn the_sweeper_outlives_a_panicking_batch() -> TestResult {
+    let fx = Fixture::new();
+    let clock = PanicsOnce {
+        clock: fx.clock.clone(),
+        armed: Arc::default(),
+        test: std::thread::current().id(),
+    };
+    let store = sled_idempotency::SledIdempotencyStore::builder(fx.path())
+        .clock(clock.clone())
+        .durability(Durability::Periodic(Duration::from_millis(100)))
+        .sweep_interval(Duration::from_millis(200))
+        .open()
+        .await?;
+    abandoned(&store, 0, 100).await?;
+    fx.advance(DEFAULT_PENDING_RETENTION + Duration::from_secs(2));
+    clock.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while store.stats().await?.swept < 100 {
+        assert!(std::time::Instant::now() < deadline, "the sweeper stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !clock.armed.load(std::sync::atomic::Ordering::SeqCst),
+        "it panicked"
+    );
+    store.try_claim(&id(1 << 40), TTL).await?;
+    store.close().await?;
+    Ok(())
+}

@@ -7,20 +7,25 @@
 //! lets the sweeper remove them, and the database grows without bound. So
 //! once the oldest due expiry index entry is more than two sweep intervals
 //! old ([`pause_share`](super::sweeper::pause_share) below 1), claims are
-//! admitted at most at [`SHARE`] of the rate the sweeper removed records
-//! over its last batch: the backlog shrinks until the sweeper is within two
-//! intervals again, and then claims run free.
+//! admitted at most at [`SHARE`] of the rate the sweeper has removed
+//! records since it fell behind: the backlog shrinks until the sweeper is
+//! within two intervals again, and then claims run free. A sweep that
+//! removes nothing (behind on notes of claims still remembered) sets no
+//! limit, and however a sweep ends (caught up, failed, dropped, panicked)
+//! its caller relaxes the limit.
 //!
 //! The admission is a virtual schedule (GCRA): each claim takes the next
-//! slot, `spacing` after the one before, and waits only when its slot is
-//! more than [`TOLERANCE`] ahead, so that a writer slower than the limit
-//! never waits and one faster sleeps in steps the timer can keep. While
+//! slot, `spacing` after the one before, and waits, before it writes and
+//! holding no lock, only when its slot is more than [`TOLERANCE`] ahead, so
+//! that a writer slower than the limit never waits and one faster sleeps in
+//! steps the timer can keep; no slot is more than [`MAX_AHEAD`] ahead. While
 //! the sweeper keeps up, a claim pays one relaxed atomic load.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use super::sweeper::Batch;
 use crate::sync::lock;
 
 /// The share of the sweeper's removal rate that claims are admitted at
@@ -30,9 +35,13 @@ const SHARE: f64 = 0.9;
 /// How far ahead of now a claim's slot may be before the claim waits.
 const TOLERANCE: Duration = Duration::from_millis(2);
 
-/// The longest spacing between two claims (the slowest admission: 100
-/// claims/s), for a sweep that removed nothing in its last batch.
-const MAX_SPACING: Duration = Duration::from_millis(10);
+/// The longest spacing between two claims: the slowest admission is 1,000
+/// claims/s, however little the sweep removes.
+const MAX_SPACING: Duration = Duration::from_millis(1);
+
+/// The farthest ahead of now a claim's slot may be: no claim waits longer,
+/// however many wait at once (the limit is then looser than the rate).
+const MAX_AHEAD: Duration = Duration::from_millis(20);
 
 /// The limit the sweeper sets and every claim reads.
 #[derive(Debug)]
@@ -74,9 +83,10 @@ impl Pressure {
         if spacing == 0 {
             return None;
         }
+        let latest = now.saturating_add(MAX_AHEAD.as_nanos() as u64);
         let mut next = self.next.load(Relaxed);
         loop {
-            let slot = next.max(now);
+            let slot = next.clamp(now, latest);
             match self.next.compare_exchange_weak(
                 next,
                 slot.saturating_add(spacing),
@@ -92,13 +102,23 @@ impl Pressure {
         }
     }
 
-    /// After a batch of the due sweep that removed `removed` records, with
-    /// `share` from `pause_share` (1: not behind): sets the limit claims
+    /// After a batch of the due sweep, whose `pause` is `pause_share` (1:
+    /// not behind): sets the limit claims
     /// are admitted at, from the rate the sweep has removed records at
     /// since its first batch behind (one batch's rate varied fourfold
     /// from batch to batch and let writers through at 1.25× the
     /// sweeper's rate).
-    pub(crate) fn after_batch(&self, removed: u64, share: f64) {
+    pub(crate) fn after_batch(&self, batch: &Batch) {
+        match batch.next {
+            Some(_) => self.behind(batch.report.removed, batch.pause),
+            // No more due: caught up.
+            None => self.relax(),
+        }
+    }
+
+    /// [`after_batch`](Self::after_batch) of a batch that removed
+    /// `removed` records, with more due.
+    fn behind(&self, removed: u64, share: f64) {
         let now = Instant::now();
         if share >= 1.0 {
             self.relax();
@@ -118,11 +138,14 @@ impl Pressure {
                 }
             }
         };
-        let spacing = if rate * SHARE > 0.0 {
-            Duration::from_secs_f64(1.0 / (rate * SHARE)).min(MAX_SPACING)
-        } else {
-            MAX_SPACING
-        };
+        if rate * SHARE <= 0.0 {
+            // Behind on notes it cannot act on yet (claims expired but
+            // remembered, notes of records already gone): nothing says
+            // writers outpace its removals.
+            self.spacing.store(0, Relaxed);
+            return;
+        }
+        let spacing = Duration::from_secs_f64(1.0 / (rate * SHARE)).min(MAX_SPACING);
         self.spacing
             .store(spacing.as_nanos().max(1) as u64, Relaxed);
     }
@@ -132,6 +155,8 @@ impl Pressure {
     pub(crate) fn relax(&self) {
         *lock(&self.since) = None;
         self.spacing.store(0, Relaxed);
+        // A later limit starts its schedule afresh, not behind this one's.
+        self.next.store(0, Relaxed);
     }
 
     fn nanos(&self) -> u64 {
@@ -147,7 +172,7 @@ mod tests {
     fn claims_run_free_while_the_sweeper_keeps_up() {
         let pressure = Pressure::default();
         assert_eq!(pressure.admit(), None);
-        pressure.after_batch(1_000, 1.0);
+        pressure.behind(1_000, 1.0);
         assert_eq!(pressure.admit(), None);
     }
 
@@ -156,7 +181,7 @@ mod tests {
     #[test]
     fn claims_faster_than_the_sweeper_wait() {
         let pressure = Pressure::default();
-        pressure.after_batch(0, 0.5); // starts the measurement
+        pressure.behind(0, 0.5); // starts the measurement
         pressure.spacing.store(1_000_000, Relaxed); // 1 ms: 1,000 claims/s
         let now = 5_000_000;
         let waits: Vec<_> = (0..10).map(|_| pressure.admit_at(now)).collect();
@@ -172,16 +197,58 @@ mod tests {
         assert_eq!(pressure.admit(), None);
     }
 
+    /// A backlog of notes the sweep cannot act on yet (claims expired but
+    /// remembered) removes nothing: that sets no limit; a trickle of
+    /// removals sets the slowest one.
     #[test]
-    fn a_sweep_that_removed_nothing_admits_the_slowest_rate() {
+    fn a_sweep_that_removed_nothing_sets_no_limit() {
         let pressure = Pressure::default();
-        pressure.after_batch(0, 0.5);
-        pressure.after_batch(0, 0.5);
+        pressure.behind(0, 0.5);
+        pressure.behind(0, 0.5);
+        assert_eq!(pressure.spacing.load(Relaxed), 0);
+        assert_eq!(pressure.admit(), None);
+        std::thread::sleep(Duration::from_millis(5));
+        pressure.behind(1, 0.5);
         assert_eq!(
             pressure.spacing.load(Relaxed),
             MAX_SPACING.as_nanos() as u64
         );
-        pressure.after_batch(0, 1.0);
+        pressure.behind(0, 1.0);
         assert_eq!(pressure.spacing.load(Relaxed), 0);
+    }
+
+    /// However many claims arrive at once, none waits longer than
+    /// `MAX_AHEAD`.
+    #[test]
+    fn no_claim_waits_longer_than_max_ahead() {
+        let pressure = Pressure::default();
+        pressure
+            .spacing
+            .store(MAX_SPACING.as_nanos() as u64, Relaxed);
+        let now = 1_000_000_000;
+        let longest = (0..10_000)
+            .filter_map(|_| pressure.admit_at(now))
+            .max()
+            .unwrap_or_default();
+        assert_eq!(longest, MAX_AHEAD);
+    }
+
+    /// A limit set after a relax starts from now, not from the slots the
+    /// claims of the last one took.
+    #[test]
+    fn relax_resets_the_schedule() {
+        let pressure = Pressure::default();
+        pressure
+            .spacing
+            .store(MAX_SPACING.as_nanos() as u64, Relaxed);
+        let now = 1_000_000_000;
+        for _ in 0..1_000 {
+            pressure.admit_at(now);
+        }
+        pressure.relax();
+        pressure
+            .spacing
+            .store(MAX_SPACING.as_nanos() as u64, Relaxed);
+        assert_eq!(pressure.admit_at(now + 5_000_000), None);
     }
 }

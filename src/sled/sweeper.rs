@@ -56,6 +56,14 @@ pub(crate) trait Sweep: Send + Sync + 'static {
 
     /// A full scan of every namespace that began at `epoch` has finished.
     fn scanned(&self, epoch: u64);
+
+    /// A batch of due entries is over: it may hold claims back
+    /// (`Pressure::after_batch`).
+    fn swept(&self, batch: &Batch);
+
+    /// A sweep ended (finished, failed, panicked or stopped): it no longer
+    /// holds claims back.
+    fn ended(&self);
 }
 
 /// What one sweep did.
@@ -151,10 +159,22 @@ pub(crate) fn spawn<S: Sweep>(
                 // A change or a dropped sender both mean: stop.
                 _ = stop.changed() => return,
             }
-            let (store, stop) = (store.clone(), stop.clone());
-            match tokio::task::spawn_blocking(move || sweep_once(&store, &stop)).await {
+            let job = {
+                let (store, stop) = (store.clone(), stop.clone());
+                tokio::task::spawn_blocking(move || sweep_once(&store, &stop))
+            };
+            let step = job.await;
+            // However the sweep ended, it no longer holds claims back.
+            if let Some(inner) = store.upgrade() {
+                inner.ended();
+            }
+            match step {
                 Ok(Step::Done | Step::Retry) => {}
-                // A join error means the runtime is shutting down.
+                // sled panics on some damaged data: the next period retries.
+                Err(e) if e.is_panic() => {
+                    tracing::error!("expiry sweep panicked; retrying next period");
+                }
+                // Cancelled: the runtime is shutting down.
                 Ok(Step::Stop) | Err(_) => return,
             }
         }
@@ -185,6 +205,9 @@ fn sweep_once<S: Sweep>(store: &Weak<S>, stop: &watch::Receiver<bool>) -> Step {
         };
         match batch() {
             Ok(batch) => {
+                if let Some(inner) = store.upgrade() {
+                    inner.swept(&batch);
+                }
                 total += batch.report;
                 match batch.next {
                     Some(next) => cursor = next,
