@@ -517,3 +517,94 @@ impl Engine for Device {
         )
     }
 }
+
+/// The crate's write-ahead log (`src/sled/wal.rs`) on its own, behind a
+/// sled compare-and-swap: what the store's `Sync` path costs once the log
+/// carries it. Each claim is a CAS of a fresh key (no sled flush), a 64-byte
+/// entry appended, and a wait for the group's fdatasync; a checkpoint
+/// thread flushes sled and fdatasyncs its file every 100 ms and then lets
+/// the log reuse what that covers, as the store's will.
+pub struct LogAlone {
+    _dir: tempfile::TempDir,
+    tree: sled::Tree,
+    log: Arc<crate::wal::Log>,
+    runtime: tokio::runtime::Runtime,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogAlone {
+    pub fn open() -> LogAlone {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = raw_sled(&dir.path().join("sled"));
+        let tree = db.open_tree("records").expect("tree");
+        let config = crate::wal::Config {
+            segment_bytes: 64 << 20,
+            segments: 2,
+        };
+        let (log, _) =
+            crate::wal::Log::open(&dir.path().join("wal"), config, 0).expect("open the log");
+        let log = Arc::new(log);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpointer = {
+            let (log, stop) = (log.clone(), stop.clone());
+            let sled_log =
+                std::fs::File::open(dir.path().join("sled").join("db")).expect("sled's log");
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    // Every entry up to `covered` was appended after its CAS
+                    // landed, so the flush that starts now covers them.
+                    let covered = log.appended();
+                    db.flush().expect("flush sled");
+                    sled_log.sync_data().expect("fdatasync sled's log");
+                    log.checkpointed(covered);
+                }
+            })
+        };
+        LogAlone {
+            _dir: dir,
+            tree,
+            log,
+            runtime: tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("runtime"),
+            stop,
+            checkpointer: Some(checkpointer),
+        }
+    }
+}
+
+impl Drop for LogAlone {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.checkpointer.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Engine for LogAlone {
+    fn label(&self) -> String {
+        "sled CAS + the crate's write-ahead log alone (not yet in the store)".into()
+    }
+
+    fn run(&self, tasks: usize, settings: &Settings) -> Sample {
+        let (tree, log) = (self.tree.clone(), self.log.clone());
+        let claim = move |n: u64| {
+            let (tree, log) = (tree.clone(), log.clone());
+            async move {
+                let key = u128::from(n).to_be_bytes();
+                let swapped = tree.compare_and_swap(key, None::<&[u8]>, Some(&[1u8; 18][..]));
+                assert!(matches!(swapped, Ok(Ok(()))), "a fresh key is claimed");
+                let mut entry = [0u8; 64];
+                entry[..16].copy_from_slice(&key);
+                let lsn = log.append(&entry).expect("append");
+                log.wait(lsn).await.expect("durable");
+            }
+        };
+        self.runtime
+            .block_on(run_tasks(tasks, settings, fresh, claim))
+    }
+}

@@ -11,10 +11,14 @@ mod engines;
 mod measure;
 mod redis_engine;
 mod sample;
+// The crate's write-ahead log, compiled here on its own: it is not public.
+#[allow(dead_code)]
+#[path = "../../src/sled/wal.rs"]
+mod wal;
 
 use std::time::Duration;
 
-use engines::{Device, Engine, Ours, RawSled, Redis, Sqlite};
+use engines::{Device, Engine, LogAlone, Ours, RawSled, Redis, Sqlite};
 use measure::Row;
 use sample::Sample;
 use sled_idempotency::Durability;
@@ -139,6 +143,9 @@ fn claims(settings: &Settings, redis: Option<&Redis>) -> Vec<Row> {
                 Ok(engine) => engines.push(Box::new(engine)),
                 Err(why) => eprintln!("redis skipped for {scenario}: {why}"),
             }
+        }
+        if durable {
+            engines.push(Box::new(LogAlone::open()));
         }
         if durable && tasks == 1 {
             // What one durable writer could reach on this disk.
