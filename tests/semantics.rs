@@ -1,5 +1,5 @@
-//! Every cell of the SPEC §2 table: claim, done and release against an
-//! absent key, a live or expired `Pending`, and a live or expired `Done`,
+//! Every cell of the semantics table (README, "Semantics"; `src/machine.rs`):
+//! claim, done and release against an absent key, a live or expired `Pending`, and a live or expired `Done`,
 //! including expired records the sweeper has not removed yet.
 
 mod common;
