@@ -47,6 +47,7 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 ///
 /// Read outcomes (`AlreadyPending`, `AlreadyDone`) never wait for a flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Durability {
     /// Return once sled has flushed the write **and** the log file has been
     /// fdatasync'ed. Survives process crash, OS crash and power loss.

@@ -49,10 +49,10 @@ pub use stats::Stats;
 pub use store::SledIdempotencyStore;
 pub use store::admin::{
     ATTEMPTS_BUCKETS, Admin, Census, CompactReport, IndexSize, ListFilter, OnProgress, Problem,
-    VerifyReport, allocated,
+    VerifyReport,
 };
 #[cfg(feature = "admin")]
 pub use store::admin::{
     CompactStep, Compacted, EXPORT_SCHEMA, Exported, ImportReport, MAX_IMPORTED_TOKEN, OnConflict,
-    compact, compaction_dir, require_database,
+    compact,
 };

@@ -10,6 +10,7 @@ use crate::record::State;
 
 /// What one namespace has seen since the store was opened, and what it holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Claims that acquired the key (`Claimed`).
     pub claims: u64,

@@ -103,12 +103,7 @@ impl Ours {
 
 impl Engine for Ours {
     fn label(&self) -> String {
-        let mode = match self.durability {
-            Durability::Sync => "Sync".into(),
-            Durability::Flush => "Flush".into(),
-            Durability::Periodic(d) => format!("Periodic({d:?})"),
-        };
-        format!("**sled-idempotency** {mode}")
+        format!("**sled-idempotency** {:?}", self.durability)
     }
 
     fn run(&self, tasks: usize, settings: &Settings) -> Sample {

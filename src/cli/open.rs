@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sled_idempotency::{Builder, Error, SledIdempotencyStore, allocated, require_database};
+use sled_idempotency::{Builder, Error, SledIdempotencyStore};
 use tempfile::TempDir;
 
 use crate::show::Bar;
@@ -14,6 +14,33 @@ use crate::show::Bar;
 /// `copying`, `copied`, `swapped`, `removed`) and wait to be killed: the
 /// crash tests use it. Not for production use.
 pub(crate) const PAUSE_VARIABLE: &str = "SLED_IDEMPOTENCY_TEST_PAUSE_AT";
+
+/// Fails unless a database is at `path`: no command but `import` creates
+/// one.
+fn require_database(path: &Path) -> Result<(), String> {
+    let why = if !path.exists() {
+        "nothing is there"
+    } else if !path.is_dir() {
+        "it is not a directory"
+    } else if !path.join("conf").exists() && !path.join("db").exists() {
+        "the directory holds no sled database"
+    } else {
+        return Ok(());
+    };
+    Err(format!("no database at {}: {why}", path.display()))
+}
+
+/// The bytes a file takes on disk (its allocated blocks: sled's log is
+/// sparse, so its length says little).
+#[cfg(unix)]
+fn allocated(meta: &std::fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(meta) * 512
+}
+
+#[cfg(not(unix))]
+fn allocated(meta: &std::fs::Metadata) -> u64 {
+    meta.len()
+}
 
 /// Announces the step on standard error and waits to be killed.
 pub(crate) fn pause(step: &str) {
@@ -97,7 +124,7 @@ fn walk(path: &Path) -> Result<Vec<(PathBuf, u64, u64)>, String> {
 impl Opened {
     /// A copy of the database at `path`, taken under its lock, opened.
     pub(crate) async fn read_only(path: &Path, settings: Settings) -> Result<Opened, String> {
-        require_database(path).map_err(|e| e.to_string())?;
+        require_database(path)?;
         let source = path.to_path_buf();
         let copy = TempDir::with_prefix("sled-idempotency-")
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
@@ -119,7 +146,7 @@ impl Opened {
 
     /// The database at `path` itself, which must exist.
     pub(crate) async fn in_place(path: &Path, settings: Settings) -> Result<Opened, String> {
-        require_database(path).map_err(|e| e.to_string())?;
+        require_database(path)?;
         Self::open_in_place(path, settings).await
     }
 
@@ -129,7 +156,7 @@ impl Opened {
         let fresh = !path.exists()
             || std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none());
         if !fresh {
-            require_database(path).map_err(|e| e.to_string())?;
+            require_database(path)?;
         }
         let mut opened = Self::open_in_place(path, settings).await?;
         opened.created = fresh;

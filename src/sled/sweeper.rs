@@ -68,6 +68,7 @@ pub(crate) trait Sweep: Send + Sync + 'static {
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SweepReport {
     /// Records read.
     pub examined: u64,

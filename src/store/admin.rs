@@ -31,7 +31,7 @@ mod compact;
 #[cfg(feature = "admin")]
 mod transfer;
 #[cfg(feature = "admin")]
-pub use compact::{CompactStep, Compacted, compact, compaction_dir, require_database};
+pub use compact::{CompactStep, Compacted, compact};
 #[cfg(feature = "admin")]
 pub use transfer::{EXPORT_SCHEMA, Exported, ImportReport, MAX_IMPORTED_TOKEN, OnConflict};
 
@@ -123,6 +123,7 @@ pub const ATTEMPTS_BUCKETS: [u32; 7] = [0, 1, 2, 3, 4, 8, 16];
 
 /// What one namespace holds now, from one walk of its records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Census {
     /// The namespace.
     pub namespace: String,
@@ -148,6 +149,7 @@ pub struct Census {
 
 /// One problem [`Admin::verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Problem {
     /// The namespace, when the problem is in one.
     pub namespace: Option<String>,
@@ -170,6 +172,7 @@ impl std::fmt::Display for Problem {
 
 /// What [`Admin::verify`] read and found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VerifyReport {
     /// Records read, in every namespace.
     pub examined: u64,
@@ -196,6 +199,7 @@ pub struct IndexSize {
 
 /// What [`Admin::compact_into`] wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CompactReport {
     /// Records copied (every record a sweep would keep).
     pub records: u64,
@@ -646,9 +650,16 @@ fn refuse_unless_empty(dest: &Path) -> Result<()> {
 
 /// The bytes a file takes on disk (its allocated blocks: sled's log is
 /// sparse, so its length says little).
-pub fn allocated(meta: &std::fs::Metadata) -> u64 {
+#[cfg(unix)]
+pub(crate) fn allocated(meta: &std::fs::Metadata) -> u64 {
     use std::os::unix::fs::MetadataExt;
     meta.blocks() * 512
+}
+
+/// Where blocks are not known, the length.
+#[cfg(not(unix))]
+pub(crate) fn allocated(meta: &std::fs::Metadata) -> u64 {
+    meta.len()
 }
 
 /// Total bytes the files under `path` take on disk.

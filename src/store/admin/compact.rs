@@ -33,6 +33,7 @@ pub enum CompactStep {
 
 /// What [`compact`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Compacted {
     /// What was copied.
     pub report: CompactReport,
@@ -43,7 +44,7 @@ pub struct Compacted {
 }
 
 /// Where the new database is built, beside the one at `path`.
-pub fn compaction_dir(path: &Path) -> Result<PathBuf> {
+pub(crate) fn compaction_dir(path: &Path) -> Result<PathBuf> {
     let path = std::fs::canonicalize(path).map_err(Error::io("finding the database"))?;
     let name = path
         .file_name()
@@ -55,7 +56,7 @@ pub fn compaction_dir(path: &Path) -> Result<PathBuf> {
 
 /// Fails unless `path` is a directory that holds a sled database (without
 /// opening it).
-pub fn require_database(path: &Path) -> Result<()> {
+pub(crate) fn require_database(path: &Path) -> Result<()> {
     if !path.exists() {
         return Err(Error::NotADatabase {
             path: path.to_path_buf(),

@@ -75,6 +75,7 @@ pub struct Exported<W> {
 
 /// What [`Admin::import`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ImportReport {
     /// Lines read (one per record).
     pub lines: u64,
