@@ -12,7 +12,7 @@ mod front;
 #[cfg(test)]
 mod latch_tests;
 mod lease;
-pub mod machine;
+mod machine;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod namespace;

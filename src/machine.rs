@@ -235,7 +235,7 @@ impl Holder {
     /// Describes `current` at `now`. A forgotten record is reported as
     /// nothing, as it behaves; a remembered expired claim is reported as the
     /// claim it still is until someone takes over.
-    pub fn of(current: Option<&Record>, now: u64, rules: Retention) -> Holder {
+    pub(crate) fn of(current: Option<&Record>, now: u64, rules: Retention) -> Holder {
         match rules.remembered(current, now) {
             None => Holder::Nothing,
             Some(r) => match r.state {

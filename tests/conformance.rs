@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sled_idempotency::machine::{self, Retention};
 use sled_idempotency::{
     ClaimOutcome, ClaimResult, DEFAULT_PENDING_RETENTION, DEFAULT_TTL, Durability, Error, Holder,
     IdempotencyStore, Lease, ManualClock, MessageId, Record, RedisIdempotencyStore, Result,
@@ -142,7 +141,7 @@ engine!(Redis, {
     async fn sweep(&self, keys: &[MessageId], now: u64) -> Result<()> {
         for key in keys {
             if let Some(record) = self.store.get_record(key).await?
-                && machine::sweepable(&record, now, rules())
+                && forgotten(&record, now)
             {
                 let hex = key.as_uuid().simple().to_string();
                 let bucket = &hex[hex.len() - 4..];
@@ -168,11 +167,14 @@ fn raw_del(url: &str, cluster: bool, name: &str) -> redis::RedisResult<i64> {
     }
 }
 
-fn rules() -> Retention {
-    Retention {
-        done_ms: None,
-        default_ttl_ms: DEFAULT_TTL.as_millis() as u64,
-        pending_ms: DEFAULT_PENDING_RETENTION.as_millis() as u64,
+/// Whether the sweeper may remove `record` at `now` under the default
+/// retention: a `Done` once expired, a `Pending` once `pending_retention`
+/// past its expiry (the README's "Semantics").
+fn forgotten(record: &Record, now: u64) -> bool {
+    let pending_ms = DEFAULT_PENDING_RETENTION.as_millis() as u64;
+    now >= match record.state {
+        State::Done => record.expires_at,
+        State::Pending => record.expires_at.saturating_add(pending_ms),
     }
 }
 
