@@ -14,42 +14,54 @@
 //! block commit an extent conversion) under a temporary name, synced,
 //! renamed and the directory synced. After that a segment's size never
 //! changes, so its fdatasync commits data only: one device round trip.
+//! Opening with fewer segments than the directory holds is refused: the
+//! ones left out could hold the newest entries.
 //!
-//! An entry is `crc: u32 | len: u32 | payload: [u8; len] | lsn: u64`, all
-//! little-endian; `crc` is CRC-32 (crc32fast, already a dependency of sled)
-//! of everything after it. The top bit of `len` marks the first entry of a
-//! group. Sequence numbers (lsn) start at 1 and increase by one per entry
-//! across segments and reopens.
+//! The unit on disk is the group, the entries one leader writes with one
+//! fdatasync. It starts on a [`BLOCK`] boundary with a header
+//! `crc: u32 | body: u32 | first: u64 | count: u32 | magic: u32` and goes on
+//! with `count` entries `len: u32 | payload: [u8; len]` (`body` bytes in
+//! all), numbered `first`, `first + 1`, …; it is padded with zeros to the
+//! next block. All little-endian; `crc` is CRC-32 (crc32fast, already a
+//! dependency of sled) of everything after it up to the end of the body, so
+//! every entry is checksummed with its number. Sequence numbers (lsn) start
+//! at 1 and increase by one per entry across groups, segments and reopens.
 //!
-//! A group (the entries one leader writes) starts on a [`BLOCK`] boundary and
-//! is padded with zeros to the next one, so no block that an fdatasync has
-//! made durable is ever written again until its segment is reused: a torn
-//! write can only damage the group it belongs to, which nobody was told is
-//! durable. Segments are used in turn; a group goes to the next segment when
-//! it does not fit in what is left of the current one.
+//! One checksum per group, not per entry, is what makes a torn write
+//! harmless: a group the power cut in the middle of is rejected whole, so
+//! no entry of it can be found on its own at some block boundary later,
+//! and the numbers it would have used are given out again after recovery
+//! without ever meeting its remains. No durable block is written again
+//! until its segment is reused, since each group starts a fresh block.
+//! Segments are used in turn; a group goes to the next segment when it does
+//! not fit in what is left of the current one.
 //!
 //! # Recovery
 //!
-//! Each segment is read from its start, entry after entry (inside a group
-//! the next entry follows at once, its header possibly straddling a block
-//! boundary; where none does, a group's first entry may start the next
-//! block),
-//! and its chain ends at the first entry whose checksum fails or whose lsn
-//! is not the one after the previous: a torn entry, zeros, or what is left
-//! of the segment's previous use, whose numbers are all lower. Chains are
-//! joined in lsn order from the checkpoint on; entries from `checkpoint + 1`
-//! to the first gap are returned for replay. Groups are written one after
-//! the other, each only after the previous one's fdatasync, so only the
-//! last group can be torn: a valid first entry of a group beyond the gap,
-//! found at any block boundary of any segment, means an entry that was
-//! durable has been damaged since. That is an error, never a silent loss.
+//! Each segment is walked from its start, group after group, each found
+//! where the previous one's padding ends, never by searching (a payload can
+//! hold any bytes, including a well-formed group). A segment's chain ends
+//! at the first group whose checksum fails or whose first number is not the
+//! one after the previous group's last: a torn group, zeros, or what is
+//! left of the segment's previous use, whose numbers are all lower. Chains
+//! are joined in lsn order from the checkpoint on; entries from
+//! `checkpoint + 1` to the first gap are returned for replay. Groups are
+//! written one after the other, each only after the previous one's
+//! fdatasync, so only the last group can be torn: a segment whose chain
+//! begins beyond the gap was written after an entry that was durable, and
+//! that entry has been damaged since. That is an error, never a silent
+//! loss. (Damage inside a segment followed only by later groups of the
+//! same segment ends its chain there too; those groups are not searched
+//! for, for the reason above, and are lost with it.)
 //!
 //! # Reuse
 //!
 //! Writing into a segment overwrites its earlier entries, so it may only
 //! start once every entry in it is covered by a checkpoint the owner
-//! reported with [`Log::checkpointed`]. A leader that needs a segment
-//! still holding newer entries waits for that checkpoint.
+//! reported with [`Log::checkpointed`]. A group that needs a segment still
+//! holding newer entries is left in the buffer; its waiters wait, without
+//! blocking a thread, for a checkpoint, which [`Log::checkpoint_wanted`]
+//! tells the owner to make.
 //!
 //! # Group commit
 //!
@@ -70,21 +82,23 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use tokio::sync::watch;
 
 /// Groups start on and are padded to this boundary.
 pub(crate) const BLOCK: usize = 4096;
-/// `crc` and `len`.
-const HEADER: usize = 8;
-/// The lsn after the payload.
-const TRAILER: usize = 8;
+/// `crc`, `body`, `first`, `count` and `magic`.
+const GROUP_HEADER: usize = 24;
+/// `len` before each payload.
+const ENTRY_HEADER: usize = 4;
 /// Largest payload an entry may carry.
 pub(crate) const MAX_PAYLOAD: usize = 64 * 1024;
-/// Set in `len` on the first entry of each group.
-const GROUP_START: u32 = 1 << 31;
+/// The last word of a group header: "WAL1".
+const MAGIC: u32 = u32::from_le_bytes(*b"WAL1");
+/// Segment files are named with four digits.
+const MAX_SEGMENTS: usize = 10_000;
 
 /// How many segments, and how large.
 #[derive(Debug, Clone, Copy)]
@@ -99,16 +113,17 @@ pub(crate) struct Config {
 
 impl Config {
     fn check(&self) -> io::Result<()> {
-        let smallest = (HEADER + MAX_PAYLOAD + TRAILER).next_multiple_of(BLOCK) as u64;
-        if self.segments < 2
+        let smallest = (GROUP_HEADER + ENTRY_HEADER + MAX_PAYLOAD).next_multiple_of(BLOCK) as u64;
+        if !(2..=MAX_SEGMENTS).contains(&self.segments)
             || self.segment_bytes < smallest
+            || self.segment_bytes > u64::from(u32::MAX)
             || !self.segment_bytes.is_multiple_of(BLOCK as u64)
         {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "a write-ahead log needs at least 2 segments of a multiple of {BLOCK} bytes, \
-                     at least {smallest}; got {} of {}",
+                    "a write-ahead log needs 2 to {MAX_SEGMENTS} segments of a multiple of \
+                     {BLOCK} bytes, from {smallest} to 4 GiB; got {} of {}",
                     self.segments, self.segment_bytes
                 ),
             ));
@@ -124,18 +139,29 @@ pub(crate) struct Entry {
     pub(crate) payload: Vec<u8>,
 }
 
-/// What the log's waiters watch.
+/// What the log's waiters and its owner watch.
 #[derive(Debug, Clone, Copy, Default)]
 struct Progress {
     /// Every entry up to this lsn is durable.
     durable: u64,
+    /// Every entry up to this lsn is covered by a checkpoint.
+    checkpointed: u64,
+    /// The next group waits for a checkpoint covering this lsn.
+    wanted: u64,
     failed: bool,
+}
+
+impl Progress {
+    fn blocked(&self) -> bool {
+        self.wanted > self.checkpointed
+    }
 }
 
 #[derive(Debug)]
 struct State {
     next_lsn: u64,
-    /// Encoded entries not yet taken by a leader.
+    /// A placeholder for the group header, then the encoded entries not
+    /// yet taken by a leader.
     buf: Vec<u8>,
     /// End offset in `buf` and lsn of each entry in it.
     ends: Vec<(usize, u64)>,
@@ -147,19 +173,24 @@ struct State {
     offset: u64,
     /// The highest lsn written into each segment.
     highest: Vec<u64>,
-    /// Every entry up to this lsn is covered by a checkpoint.
-    checkpointed: u64,
+}
+
+/// What a leader's turn did.
+enum Step {
+    /// Wrote a group.
+    Wrote,
+    /// The buffer was empty.
+    Idle,
+    /// The next group needs a segment no checkpoint has freed yet.
+    Blocked,
 }
 
 /// A write-ahead log open for appending.
 #[derive(Debug)]
 pub(crate) struct Log {
-    dir: PathBuf,
     files: Vec<File>,
     segment_bytes: u64,
     state: Mutex<State>,
-    /// Signalled when a checkpoint may free a segment, or on failure.
-    freed: Condvar,
     progress: watch::Sender<Progress>,
     failure: OnceLock<String>,
     /// Fault seam: faults met by the next groups, last first.
@@ -175,6 +206,13 @@ pub(crate) enum Fault {
     Write,
     /// The fdatasync fails.
     Sync,
+}
+
+fn exhausted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "the write-ahead log has used every sequence number",
+    )
 }
 
 impl Log {
@@ -193,27 +231,29 @@ impl Log {
         if fresh && let Some(parent) = dir.parent() {
             sync_dir(parent)?;
         }
+        refuse_extra_segments(dir, config.segments)?;
         let mut files = Vec::with_capacity(config.segments);
-        let mut scans = Vec::with_capacity(config.segments);
+        let mut chains = Vec::with_capacity(config.segments);
         for n in 0..config.segments {
             let file = segment(dir, n, config.segment_bytes)?;
-            scans.push(scan(&file, config.segment_bytes)?);
+            chains.push(scan(&file, config.segment_bytes)?);
             files.push(file);
         }
-        let (entries, end) = replay(dir, &scans, checkpointed)?;
-        // Reuse waits for a checkpoint past every entry a segment holds,
-        // readable or not: a group start beyond a segment's chain counts.
-        let highest: Vec<u64> = scans
+        let (entries, end) = replay(dir, &chains, checkpointed)?;
+        // Reuse waits for a checkpoint past every entry a segment's chain
+        // holds; what lies beyond a chain's end is older or torn.
+        let highest: Vec<u64> = chains
             .iter()
-            .map(|s| {
-                let chained = s.chain.last().map_or(0, |e| e.lsn);
-                s.group_starts.iter().copied().fold(chained, u64::max)
-            })
+            .map(|c| c.last().map_or(0, |e| e.lsn))
             .collect();
         let newest = (0..highest.len()).max_by_key(|&n| highest[n]).unwrap_or(0);
+        let next_lsn = end
+            .max(highest[newest])
+            .checked_add(1)
+            .ok_or_else(exhausted)?;
         let state = State {
-            next_lsn: end.max(highest[newest]) + 1,
-            buf: Vec::new(),
+            next_lsn,
+            buf: vec![0; GROUP_HEADER],
             ends: Vec::new(),
             spare: (Vec::new(), Vec::new()),
             leading: false,
@@ -221,16 +261,15 @@ impl Log {
             segment: newest,
             offset: config.segment_bytes,
             highest,
-            checkpointed,
         };
         let log = Log {
-            dir: dir.to_path_buf(),
             files,
             segment_bytes: config.segment_bytes,
             state: Mutex::new(state),
-            freed: Condvar::new(),
             progress: watch::channel(Progress {
                 durable: end,
+                checkpointed,
+                wanted: 0,
                 failed: false,
             })
             .0,
@@ -239,11 +278,6 @@ impl Log {
             faults: Mutex::new(Vec::new()),
         };
         Ok((log, entries))
-    }
-
-    /// The directory the segments are in.
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -265,20 +299,12 @@ impl Log {
                 ),
             ));
         }
-        let len = (payload.len() as u32).to_le_bytes();
-        // Hashed before the lock; only the lsn is hashed under it.
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&len);
-        crc.update(payload);
         let mut state = self.state();
         let lsn = state.next_lsn;
-        state.next_lsn += 1;
-        crc.update(&lsn.to_le_bytes());
+        state.next_lsn = lsn.checked_add(1).ok_or_else(exhausted)?;
         let buf = &mut state.buf;
-        buf.extend_from_slice(&crc.finalize().to_le_bytes());
-        buf.extend_from_slice(&len);
+        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         buf.extend_from_slice(payload);
-        buf.extend_from_slice(&lsn.to_le_bytes());
         let end = buf.len();
         state.ends.push((end, lsn));
         Ok(lsn)
@@ -290,8 +316,16 @@ impl Log {
     }
 
     /// Returns once an fdatasync covers `lsn`, leading a group when nobody
-    /// else is writing. Fails once the log is latched.
+    /// else is writing. Fails once the log is latched, and for an lsn that
+    /// was never appended (without latching: the log is fine).
     pub(crate) async fn wait(self: &Arc<Self>, lsn: u64) -> io::Result<()> {
+        let appended = self.appended();
+        if lsn > appended {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("entry {lsn} was never appended; the last one is {appended}"),
+            ));
+        }
         let mut progress = self.progress.subscribe();
         loop {
             let seen = *progress.borrow_and_update();
@@ -299,9 +333,11 @@ impl Log {
                 return Ok(());
             }
             if seen.failed {
-                return self.check();
+                return Err(self.latched());
             }
-            let lead = {
+            // While the next group waits for a checkpoint nobody leads: the
+            // wait below is for the owner's checkpoint, on no thread.
+            let lead = !seen.blocked() && {
                 let mut state = self.state();
                 !std::mem::replace(&mut state.leading, true)
             };
@@ -310,75 +346,85 @@ impl Log {
                 off_the_runtime(move || log.lead(lsn)).await;
                 continue;
             }
-            // The leader clears `leading` before it publishes progress, so a
-            // leader seen above publishes after the borrow: no lost wake-up.
+            // The leader clears `leading` before it publishes progress, and
+            // `checkpointed` publishes too, so a state seen above changes
+            // after the borrow: no lost wake-up.
             if progress.changed().await.is_err() {
-                return self.check();
+                return Err(self.latched());
             }
         }
     }
 
-    /// Writes groups until `lsn` is durable or the log fails, then stops
-    /// leading. Blocking.
+    /// Writes groups until `lsn` is durable, the log fails or the next
+    /// group must wait for a checkpoint, then stops leading. Blocking.
     fn lead(&self, lsn: u64) {
         let _leading = Leading { log: self };
         while self.durable() < lsn && self.failure.get().is_none() {
             match self.group() {
-                Ok(true) => {}
+                Ok(Step::Wrote) => {}
+                Ok(Step::Blocked) => return,
                 // Only one leader writes at a time, and each writes every
-                // group it takes before it stops, so an entry that is not
-                // durable is in the buffer.
-                Ok(false) => self.fail(&format!("entry {lsn} is neither buffered nor durable")),
+                // group it takes before it stops, so an appended entry that
+                // is not durable is in the buffer.
+                Ok(Step::Idle) => {
+                    self.fail(&format!("entry {lsn} is neither buffered nor durable"))
+                }
                 Err(e) => self.fail(&e.to_string()),
             }
         }
     }
 
     /// Writes and fdatasyncs the buffered entries (as many as one segment
-    /// holds) as one group. False when there was nothing to write.
-    fn group(&self) -> io::Result<bool> {
+    /// holds) as one group.
+    fn group(&self) -> io::Result<Step> {
         let mut state = self.state();
         if state.ends.is_empty() {
-            return Ok(false);
+            return Ok(Step::Idle);
         }
-        let spare = std::mem::take(&mut state.spare);
-        let mut bytes = std::mem::replace(&mut state.buf, spare.0);
-        let mut ends = std::mem::replace(&mut state.ends, spare.1);
         // A group larger than a segment leaves its tail to the next one.
-        let fits = ends.partition_point(|&(end, _)| padded(end) <= self.segment_bytes);
+        let fits = state
+            .ends
+            .partition_point(|&(end, _)| padded(end) <= self.segment_bytes);
         if fits == 0 {
             // `Config::check` makes every segment hold a largest entry.
             return Err(io::Error::other("a log entry is larger than a segment"));
         }
-        if fits < ends.len() {
-            let cut = ends[fits - 1].0;
-            state.buf.extend_from_slice(&bytes[cut..]);
-            state
-                .ends
-                .extend(ends[fits..].iter().map(|&(end, lsn)| (end - cut, lsn)));
-            bytes.truncate(cut);
-            ends.truncate(fits);
-        }
-        let last = ends.last().map_or(0, |&(_, lsn)| lsn);
-        let size = padded(bytes.len());
+        let cut = state.ends[fits - 1].0;
+        let size = padded(cut);
         if state.offset + size > self.segment_bytes {
             let next = (state.segment + 1) % self.files.len();
-            while state.highest[next] > state.checkpointed {
-                self.check()?;
-                state = self
-                    .freed
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
+            let holds = state.highest[next];
+            if holds > self.progress.borrow().checkpointed {
+                // Left in the buffer; `checkpointed` wakes the waiters.
+                drop(state);
+                self.progress
+                    .send_modify(|p| p.wanted = p.wanted.max(holds));
+                return Ok(Step::Blocked);
             }
             state.segment = next;
             state.offset = 0;
         }
+        let (mut spare_buf, spare_ends) = std::mem::take(&mut state.spare);
+        spare_buf.resize(GROUP_HEADER, 0);
+        let mut bytes = std::mem::replace(&mut state.buf, spare_buf);
+        let mut ends = std::mem::replace(&mut state.ends, spare_ends);
+        if fits < ends.len() {
+            state.buf.extend_from_slice(&bytes[cut..]);
+            state.ends.extend(
+                ends[fits..]
+                    .iter()
+                    .map(|&(end, lsn)| (end - cut + GROUP_HEADER, lsn)),
+            );
+            bytes.truncate(cut);
+            ends.truncate(fits);
+        }
+        let (first, last) = (ends[0].1, ends[fits - 1].1);
         let (segment, offset) = (state.segment, state.offset);
         state.offset += size;
         state.highest[segment] = last;
         drop(state);
 
-        mark_group_start(&mut bytes);
+        seal(&mut bytes, first, fits as u32);
         bytes.resize(size as usize, 0);
         self.write(segment, &bytes, offset)?;
 
@@ -391,7 +437,7 @@ impl Log {
         drop(state);
         self.progress
             .send_modify(|p| p.durable = p.durable.max(last));
-        Ok(true)
+        Ok(Step::Wrote)
     }
 
     fn write(&self, segment: usize, bytes: &[u8], offset: u64) -> io::Result<()> {
@@ -423,10 +469,27 @@ impl Log {
     /// The owner made every entry up to `lsn` durable elsewhere (a
     /// checkpoint): segments holding nothing newer may be written over.
     pub(crate) fn checkpointed(&self, lsn: u64) {
-        let mut state = self.state();
-        state.checkpointed = state.checkpointed.max(lsn);
-        drop(state);
-        self.freed.notify_all();
+        self.progress
+            .send_modify(|p| p.checkpointed = p.checkpointed.max(lsn));
+    }
+
+    /// Returns, once the next group waits for a segment to be freed, the
+    /// lsn a checkpoint must cover to free it; fails once the log is
+    /// latched. The owner's checkpointer waits here.
+    pub(crate) async fn checkpoint_wanted(&self) -> io::Result<u64> {
+        let mut progress = self.progress.subscribe();
+        loop {
+            let seen = *progress.borrow_and_update();
+            if seen.failed {
+                return Err(self.latched());
+            }
+            if seen.blocked() {
+                return Ok(seen.wanted);
+            }
+            if progress.changed().await.is_err() {
+                return Err(self.latched());
+            }
+        }
     }
 
     /// The highest lsn handed out so far.
@@ -438,19 +501,22 @@ impl Log {
     pub(crate) fn fail(&self, cause: &str) {
         let _ = self.failure.set(cause.to_string());
         self.progress.send_modify(|p| p.failed = true);
-        // A leader waiting for a checkpoint gives up.
-        drop(self.state());
-        self.freed.notify_all();
     }
 
     /// Fails once the log is latched.
     pub(crate) fn check(&self) -> io::Result<()> {
         match self.failure.get() {
-            Some(cause) => Err(io::Error::other(format!(
-                "the write-ahead log failed earlier and acknowledges nothing until it is opened again: {cause}"
-            ))),
+            Some(_) => Err(self.latched()),
             None => Ok(()),
         }
+    }
+
+    /// The error every operation of a latched log returns.
+    fn latched(&self) -> io::Error {
+        let cause = self.failure.get().map_or("unknown", String::as_str);
+        io::Error::other(format!(
+            "the write-ahead log failed earlier and acknowledges nothing until it is opened again: {cause}"
+        ))
     }
 
     /// Fault seam: the next group meets `fault`.
@@ -495,13 +561,14 @@ async fn off_the_runtime<F: FnOnce() + Send + 'static>(job: F) {
     }
 }
 
-/// Sets [`GROUP_START`] on the entry at the start of `group`, and its
-/// checksum again.
-fn mark_group_start(group: &mut [u8]) {
-    let len = u32::from_le_bytes(word(group, 4)) | GROUP_START;
-    group[4..HEADER].copy_from_slice(&len.to_le_bytes());
-    let end = HEADER + (len & !GROUP_START) as usize + TRAILER;
-    let crc = crc32fast::hash(&group[4..end]);
+/// Fills in the header of `group` (its body follows the header).
+fn seal(group: &mut [u8], first: u64, count: u32) {
+    let body = (group.len() - GROUP_HEADER) as u32;
+    group[4..8].copy_from_slice(&body.to_le_bytes());
+    group[8..16].copy_from_slice(&first.to_le_bytes());
+    group[16..20].copy_from_slice(&count.to_le_bytes());
+    group[20..24].copy_from_slice(&MAGIC.to_le_bytes());
+    let crc = crc32fast::hash(&group[4..]);
     group[..4].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -540,6 +607,34 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
+/// Refuses a directory holding segment files past the configured number:
+/// left out, they could hold the newest entries.
+fn refuse_extra_segments(dir: &Path, segments: usize) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|name| name.strip_suffix(".wal"))
+            .filter(|n| n.len() == 4)
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if n >= segments {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the write-ahead log in {} has segment {n}, but is opened with {segments} \
+                     segments: open it with at least {}",
+                    dir.display(),
+                    n + 1
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Opens segment `n`, creating it full of zeros if it is not there.
 fn segment(dir: &Path, n: usize, bytes: u64) -> io::Result<File> {
     let path = dir.join(format!("{n:04}.wal"));
@@ -572,103 +667,86 @@ fn segment(dir: &Path, n: usize, bytes: u64) -> io::Result<File> {
     Ok(file)
 }
 
-/// What one segment holds: the valid entries at its start, in order, and
-/// the lsns of the first entries of groups found at any block boundary.
-#[derive(Debug, Default)]
-struct Scan {
-    chain: Vec<Entry>,
-    group_starts: Vec<u64>,
-}
-
-fn scan(file: &File, bytes: u64) -> io::Result<Scan> {
+/// The chain a segment holds: the entries of its valid groups from its
+/// start, in order, each group numbered on from the one before.
+fn scan(file: &File, bytes: u64) -> io::Result<Vec<Entry>> {
     let mut data = Vec::with_capacity(bytes as usize);
     (&*file).read_to_end(&mut data)?;
     let mut chain: Vec<Entry> = Vec::new();
     let mut at = 0usize;
-    loop {
-        // Inside a group the next entry follows at once (its header may
-        // straddle a block boundary); after a group's zero padding it starts
-        // the next block.
-        let found = parse(&data, at).map(|(entry, _)| (entry, at)).or_else(|| {
-            let block = at.next_multiple_of(BLOCK);
-            match parse(&data, block) {
-                Some((entry, true)) => Some((entry, block)),
-                _ => None,
-            }
-        });
-        let Some((entry, from)) = found else { break };
-        if chain
-            .last()
-            .is_some_and(|previous| entry.lsn != previous.lsn + 1)
-        {
+    while let Some((entries, end)) = parse(&data, at) {
+        let follows = match chain.last() {
+            Some(previous) => previous.lsn.checked_add(1) == entries.first().map(|e| e.lsn),
+            None => true,
+        };
+        if !follows {
             break; // what is left of the segment's previous use
         }
-        at = from + HEADER + entry.payload.len() + TRAILER;
-        chain.push(entry);
+        chain.extend(entries);
+        at = end.next_multiple_of(BLOCK);
     }
-    let group_starts = (0..data.len())
-        .step_by(BLOCK)
-        .filter_map(|at| match parse(&data, at) {
-            Some((entry, true)) => Some(entry.lsn),
-            _ => None,
-        })
-        .collect();
-    Ok(Scan {
-        chain,
-        group_starts,
-    })
+    Ok(chain)
 }
 
-/// The entry at `at` if it is whole and its checksum holds, and whether it
-/// starts a group.
-fn parse(data: &[u8], at: usize) -> Option<(Entry, bool)> {
-    let flagged = u32::from_le_bytes(word(data, at + 4));
-    let len = (flagged & !GROUP_START) as usize;
-    if len == 0 || len > MAX_PAYLOAD || at + HEADER + len + TRAILER > data.len() {
+/// The group at `at` if it is whole and its checksum holds: its entries
+/// and where its body ends.
+fn parse(data: &[u8], at: usize) -> Option<(Vec<Entry>, usize)> {
+    let header = data.get(at..at.checked_add(GROUP_HEADER)?)?;
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (crc, body, count, magic) = (word(0), word(4) as usize, word(16), word(20));
+    let first = u64::from_le_bytes(header[8..16].try_into().ok()?);
+    if magic != MAGIC || count == 0 {
         return None;
     }
-    let crc = u32::from_le_bytes(word(data, at));
-    if crc32fast::hash(&data[at + 4..at + HEADER + len + TRAILER]) != crc {
+    let end = (at + GROUP_HEADER).checked_add(body)?;
+    let sealed = data.get(at + 4..end)?;
+    if crc32fast::hash(sealed) != crc {
         return None;
     }
-    let lsn_at = at + HEADER + len;
-    let lsn = u64::from_le_bytes(data[lsn_at..lsn_at + TRAILER].try_into().ok()?);
-    let entry = Entry {
-        lsn,
-        payload: data[at + HEADER..lsn_at].to_vec(),
-    };
-    Some((entry, flagged & GROUP_START != 0))
-}
-
-/// The four bytes at `at`, zeros past the end.
-fn word(data: &[u8], at: usize) -> [u8; 4] {
-    data.get(at..at + 4)
-        .and_then(|w| w.try_into().ok())
-        .unwrap_or([0; 4])
+    first.checked_add(u64::from(count) - 1)?;
+    let mut entries = Vec::with_capacity(count as usize);
+    let mut next = at + GROUP_HEADER;
+    for i in 0..u64::from(count) {
+        let len = data.get(next..next + ENTRY_HEADER)?;
+        let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+        let payload = data.get(next + ENTRY_HEADER..(next + ENTRY_HEADER).checked_add(len)?)?;
+        if len == 0 || len > MAX_PAYLOAD || next + ENTRY_HEADER + len > end {
+            return None;
+        }
+        entries.push(Entry {
+            lsn: first + i,
+            payload: payload.to_vec(),
+        });
+        next += ENTRY_HEADER + len;
+    }
+    (next == end).then_some((entries, end))
 }
 
 /// Joins the segments' chains from `checkpointed + 1` to the first gap.
 /// Returns the entries and the last lsn returned (or `checkpointed`).
-fn replay(dir: &Path, scans: &[Scan], checkpointed: u64) -> io::Result<(Vec<Entry>, u64)> {
+fn replay(dir: &Path, chains: &[Vec<Entry>], checkpointed: u64) -> io::Result<(Vec<Entry>, u64)> {
     let mut out = Vec::new();
     let mut end = checkpointed;
-    while let Some(chain) = scans.iter().map(|s| &s.chain).find(|c| {
-        c.first().is_some_and(|e| e.lsn <= end + 1) && c.last().is_some_and(|e| e.lsn > end)
+    while let Some(chain) = chains.iter().find(|c| {
+        c.first().is_some_and(|e| e.lsn <= end.saturating_add(1))
+            && c.last().is_some_and(|e| e.lsn > end)
     }) {
         let from = chain.partition_point(|e| e.lsn <= end);
         out.extend_from_slice(&chain[from..]);
         end = chain.last().map_or(end, |e| e.lsn);
     }
-    for (n, scan) in scans.iter().enumerate() {
-        if let Some(&lsn) = scan.group_starts.iter().find(|&&lsn| lsn > end) {
+    for (n, chain) in chains.iter().enumerate() {
+        if let Some(first) = chain.first().map(|e| e.lsn)
+            && first > end.saturating_add(1)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
                     "the write-ahead log in {} is damaged: entry {} cannot be read, and \
-                     segment {n} holds a later group starting at entry {lsn}, written after \
-                     it was durable",
+                     segment {n} begins at entry {first}, written after it was durable",
                     dir.display(),
-                    end + 1,
+                    end.saturating_add(1),
                 ),
             ));
         }

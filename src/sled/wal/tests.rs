@@ -53,12 +53,12 @@ async fn durable_entries_come_back_in_order_after_reopening() {
 }
 
 #[tokio::test]
-async fn an_entry_header_may_straddle_a_block_boundary() {
+async fn a_group_spans_blocks_and_an_entry_may_straddle_their_boundary() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, _) = open(dir.path(), 0);
-    // One group: the first entry ends 4 bytes before the block does, so
-    // the second one's header crosses into the next block.
-    let first = vec![1u8; BLOCK - 4 - HEADER - TRAILER];
+    // One group: the first entry ends 2 bytes before the block does, so
+    // the second one's length crosses into the next block.
+    let first = vec![1u8; BLOCK - GROUP_HEADER - ENTRY_HEADER - 2];
     log.append(&first).expect("append");
     let lsn = log.append(b"second").expect("append");
     log.wait(lsn).await.expect("durable");
@@ -110,7 +110,11 @@ async fn recovery_stops_at_a_torn_last_entry() {
     let segment = log.state().segment;
     drop(log);
     // The last group's payload, as a torn write would leave it.
-    damage(dir.path(), segment, offset_of(1, 10) + HEADER as u64 + 2);
+    damage(
+        dir.path(),
+        segment,
+        offset_of(1, 10) + GROUP_HEADER as u64 + 6,
+    );
     let (_, entries) = open(dir.path(), 0);
     assert_eq!(lsns(&entries), (1..10).collect::<Vec<_>>());
 }
@@ -313,4 +317,159 @@ async fn largest_entries_take_a_segment_each_and_wrap() {
     let (_, entries) = open(dir.path(), 5);
     assert_eq!(lsns(&entries), vec![6, 7]);
     assert!(entries.iter().all(|e| e.payload == big));
+}
+
+/// Zeros `len` bytes of a segment from `at`: what a write the power cut
+/// leaves of the blocks it had not reached.
+fn zero(dir: &Path, segment: usize, at: u64, len: usize) {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(dir.join(format!("{segment:04}.wal")))
+        .expect("open the segment");
+    std::os::unix::fs::FileExt::write_all_at(&file, &vec![0; len], at).expect("write");
+}
+
+#[tokio::test]
+async fn nothing_of_a_torn_group_comes_back_when_its_numbers_are_used_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _) = open(dir.path(), 0);
+    write(&log, 1, 5).await;
+    // Entries 5, 6 and 7 as one group over three blocks, entry 6 starting
+    // exactly at the second block and entry 7 at the third.
+    let fill = BLOCK - GROUP_HEADER - ENTRY_HEADER;
+    log.append(&vec![5; fill]).expect("append");
+    log.append(&vec![6; BLOCK - ENTRY_HEADER]).expect("append");
+    let lsn = log.append(b"seven").expect("append");
+    log.wait(lsn).await.expect("durable");
+    drop(log);
+    // The cut reached the group's last two blocks but not its first.
+    zero(dir.path(), 0, offset_of(1, 5), BLOCK);
+    let (log, entries) = open(dir.path(), 0);
+    assert_eq!(lsns(&entries), vec![1, 2, 3, 4]);
+    // Numbers 5 to 8 again, for other entries, in the other segment; then
+    // the first of them torn in turn.
+    log.checkpointed(4);
+    write(&log, 5, 9).await;
+    drop(log);
+    let (_, entries) = open(dir.path(), 0);
+    assert_eq!(lsns(&entries), (1..9).collect::<Vec<_>>());
+    for e in &entries {
+        assert_eq!(e.payload, payload(e.lsn), "entry {}", e.lsn);
+    }
+    zero(dir.path(), 1, 0, BLOCK);
+    let (log, entries) = open(dir.path(), 0);
+    assert_eq!(
+        lsns(&entries),
+        vec![1, 2, 3, 4],
+        "the old group's remains are never chained to the new entries"
+    );
+    assert_eq!(log.appended(), 4);
+}
+
+#[tokio::test]
+async fn a_group_forged_inside_a_payload_is_only_a_payload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _) = open(dir.path(), 0);
+    // A well-formed group numbered 1000, placed in a payload so that it
+    // lands on a block boundary of the segment.
+    let mut forged = vec![0u8; GROUP_HEADER];
+    forged.extend_from_slice(&3u32.to_le_bytes());
+    forged.extend_from_slice(b"bad");
+    seal(&mut forged, 1000, 1);
+    let at = BLOCK - GROUP_HEADER - ENTRY_HEADER;
+    let mut carrier = vec![9u8; at];
+    carrier.extend_from_slice(&forged);
+    carrier.resize(2 * BLOCK, 9);
+    let lsn = log.append(&carrier).expect("append");
+    log.wait(lsn).await.expect("durable");
+    drop(log);
+    let (log, entries) = open(dir.path(), 0);
+    assert_eq!(lsns(&entries), vec![1]);
+    assert_eq!(entries[0].payload, carrier);
+    assert_eq!(log.appended(), 1, "numbering ignores the forged group");
+    drop(log);
+    // Also when the forged group lies past the end of a torn chain.
+    zero(dir.path(), 0, 0, BLOCK);
+    let (_, entries) = Log::open(dir.path(), SMALL, 0).expect("an intact log opens");
+    assert!(entries.is_empty());
+}
+
+#[tokio::test]
+async fn segments_left_out_of_a_reopen_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let three = Config {
+        segments: 3,
+        ..SMALL
+    };
+    let log = Arc::new(Log::open(dir.path(), three, 0).expect("open").0);
+    write(&log, 1, 4).await;
+    drop(log);
+    let err = Log::open(dir.path(), SMALL, 0).expect_err("segment 2 left out");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("at least 3"), "{err}");
+    let (_, entries) = Log::open(dir.path(), three, 0).expect("reopen with all");
+    assert_eq!(lsns(&entries), vec![1, 2, 3]);
+}
+
+/// Fills both segments, then waits for an entry that needs segment 0
+/// again and makes the checkpoint it asks for, both in one task.
+async fn wait_and_checkpoint_in_one_task(log: Arc<Log>) {
+    let per_segment = SMALL.segment_bytes / BLOCK as u64;
+    write(&log, 1, 2 * per_segment + 1).await;
+    let lsn = log.append(b"after the checkpoint").expect("append");
+    let checkpointer = async {
+        let wanted = log.checkpoint_wanted().await.expect("asked for");
+        assert_eq!(wanted, per_segment, "segment 0's last entry");
+        log.checkpointed(wanted);
+    };
+    let both = async { tokio::join!(log.wait(lsn), checkpointer).0 };
+    tokio::time::timeout(Duration::from_secs(30), both)
+        .await
+        .expect("the wait for a checkpoint blocks no thread")
+        .expect("durable");
+}
+
+#[test]
+fn waiting_for_a_checkpoint_blocks_no_thread_on_either_runtime() {
+    for multi in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = if multi {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        .expect("runtime");
+        runtime.block_on(wait_and_checkpoint_in_one_task(open(dir.path(), 0).0));
+    }
+}
+
+#[tokio::test]
+async fn the_last_sequence_numbers_are_an_error_not_an_overflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = Log::open(dir.path(), SMALL, u64::MAX).expect_err("nothing left to number");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    let (log, _) = open(dir.path(), u64::MAX - 2);
+    let lsn = log.append(b"last").expect("append");
+    assert_eq!(lsn, u64::MAX - 1);
+    assert!(log.append(b"one more").is_err());
+    log.wait(lsn).await.expect("durable");
+    drop(log);
+    let (_, entries) = open(dir.path(), u64::MAX - 2);
+    assert_eq!(lsns(&entries), vec![u64::MAX - 1]);
+}
+
+#[tokio::test]
+async fn waiting_for_an_entry_never_appended_is_refused_without_latching() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _) = open(dir.path(), 0);
+    write(&log, 1, 3).await;
+    let err = log.wait(10).await.expect_err("never appended");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    write(&log, 3, 5).await;
+    assert_eq!(log.durable(), 4);
 }
