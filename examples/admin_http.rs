@@ -40,7 +40,11 @@ async fn namespace(
     store: &SledIdempotencyStore,
     name: &str,
 ) -> Result<SledIdempotencyStore, (StatusCode, String)> {
-    if !store.namespaces().iter().any(|n| n == name) {
+    let names = store
+        .namespaces()
+        .await
+        .map_err(failed(StatusCode::SERVICE_UNAVAILABLE))?;
+    if !names.iter().any(|n| n == name) {
         return Err((StatusCode::NOT_FOUND, format!("no namespace {name:?}")));
     }
     store
@@ -62,7 +66,11 @@ fn record(id: &MessageId, r: &Record) -> Value {
 /// Every namespace's census.
 async fn stats(State(store): State<SledIdempotencyStore>) -> Reply {
     let mut out = Vec::new();
-    for name in store.namespaces() {
+    let names = store
+        .namespaces()
+        .await
+        .map_err(failed(StatusCode::SERVICE_UNAVAILABLE))?;
+    for name in names {
         let c = namespace(&store, &name)
             .await?
             .admin()

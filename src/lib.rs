@@ -9,28 +9,33 @@ mod count;
 mod engine;
 mod error;
 mod front;
-#[cfg(test)]
-mod latch_tests;
 mod lease;
 mod machine;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod namespace;
-mod pending;
 mod record;
 #[cfg(feature = "redis")]
-mod redis;
-mod sled;
+mod redis_engine;
+mod sled_engine;
 mod stats;
 mod store;
 mod sync;
 
+/// The Redis engine (feature `redis`): the same [`Store`] on a Redis
+/// server or cluster.
 #[cfg(feature = "redis")]
-pub use self::redis::{
-    DEFAULT_RESPONSE_TIMEOUT, REDIS_MAX_MILLIS, RedisBuilder, RedisIdempotencyStore,
-};
-pub use self::sled::open::FORMAT_VERSION;
-pub use self::sled::sweeper::SweepReport;
+pub mod redis {
+    pub use crate::redis_engine::{
+        DEFAULT_RESPONSE_TIMEOUT, REDIS_MAX_MILLIS, RedisBuilder, RedisEngine,
+        RedisIdempotencyStore,
+    };
+}
+
+#[cfg(feature = "redis")]
+pub use crate::redis_engine::RedisIdempotencyStore;
+pub use crate::sled_engine::open::FORMAT_VERSION;
+pub use crate::sled_engine::sweeper::SweepReport;
 pub use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
@@ -38,6 +43,7 @@ pub use config::{
     DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_SWEEP_BATCH,
     DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability, MAX_WAIT,
 };
+pub use engine::Engine;
 pub use error::{Error, Result};
 pub use lease::{ClaimResult, Lease};
 pub use machine::Holder;
@@ -45,14 +51,15 @@ pub use namespace::DEFAULT_NAMESPACE;
 pub use record::{
     DecodeError, MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, RECORD_VERSION, Record, State,
 };
-pub use stats::Stats;
-pub use store::SledIdempotencyStore;
-pub use store::admin::{
+pub use sled_engine::store::admin::{
     ATTEMPTS_BUCKETS, Admin, Census, CompactReport, IndexSize, ListFilter, OnProgress, Problem,
     VerifyReport,
 };
 #[cfg(feature = "admin")]
-pub use store::admin::{
+pub use sled_engine::store::admin::{
     CompactStep, Compacted, EXPORT_SCHEMA, Exported, ImportReport, MAX_IMPORTED_TOKEN, OnConflict,
     compact,
 };
+pub use sled_engine::store::{SledEngine, SledIdempotencyStore};
+pub use stats::Stats;
+pub use store::Store;

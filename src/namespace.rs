@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Durability;
 use crate::error::{Error, Result};
-use crate::pending::PendingIndex;
+use crate::sled_engine::pending::PendingIndex;
 use crate::stats::{Counters, Stored};
 
 /// Name of the namespace that [`SledIdempotencyStore::open`] returns.

@@ -235,7 +235,7 @@ impl Stored {
 
 /// One namespace's counters.
 #[derive(Debug)]
-pub(crate) struct Counters {
+pub struct Counters {
     counts: [AtomicU64; COUNTS],
     #[cfg(feature = "metrics")]
     meters: crate::metrics::Meters,

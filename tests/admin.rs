@@ -47,7 +47,7 @@ fn export_text(exported: &[u8]) -> String {
 
 async fn export_all(store: &SledIdempotencyStore) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
-    let mut names = store.namespaces();
+    let mut names = store.namespaces().await?;
     names[1..].sort();
     for name in names {
         out = store.namespace(&name).await?.admin().export(out).await?.out;
@@ -355,7 +355,7 @@ async fn export_import_export_is_byte_identical_and_keeps_fencing() -> TestResul
         .await;
     assert!(matches!(refused, Err(Error::ImportConflict { .. })));
     assert!(
-        !target.namespaces().contains(&"fresh".to_owned()),
+        !target.namespaces().await?.contains(&"fresh".to_owned()),
         "a refused import creates no namespace"
     );
     let kept = target

@@ -19,8 +19,6 @@
 //! - **Closing.** Closing a sled store flushes and releases its directory;
 //!   closing a Redis store only ends its handles (every acknowledged write
 //!   is already on the server).
-//! - **Listing namespaces.** sled reads its own registry (`namespaces()`);
-//!   Redis reads a set on the server (`namespaces().await`).
 #![cfg(feature = "redis")]
 
 mod common;
@@ -29,11 +27,11 @@ mod redis_server;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use sled_idempotency::redis::RedisEngine;
 use sled_idempotency::{
-    ClaimOutcome, ClaimResult, DEFAULT_PENDING_RETENTION, DEFAULT_TTL, Durability, Error, Holder,
-    IdempotencyStore, Lease, ManualClock, MessageId, Record, RedisIdempotencyStore, Result,
-    SledIdempotencyStore, State,
+    ClaimOutcome, ClaimResult, DEFAULT_PENDING_RETENTION, DEFAULT_TTL, Durability, Engine, Error,
+    Holder, IdempotencyStore, Lease, ManualClock, MessageId, Record, RedisIdempotencyStore, Result,
+    SledEngine, SledIdempotencyStore, State, Store,
 };
 
 use common::{TTL, TestResult, id};
@@ -43,117 +41,75 @@ use common::{TTL, TestResult, id};
 /// server's future for the server to keep them while the suite runs.
 const T0: u64 = 4_000_000_000_000;
 
-/// The operations the contracts use, implemented by each engine.
-#[async_trait]
-trait Engine: Clone + Send + Sync + 'static {
-    async fn claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimResult>;
-    async fn claim_fp(&self, key: &MessageId, ttl: Duration, fp: &[u8]) -> Result<ClaimResult>;
-    async fn mark_done(&self, key: &MessageId) -> Result<()>;
-    async fn release(&self, key: &MessageId) -> Result<()>;
-    async fn complete(&self, lease: &Lease) -> Result<()>;
-    async fn complete_with(&self, lease: &Lease, result: &[u8]) -> Result<()>;
-    async fn abandon(&self, lease: &Lease) -> Result<()>;
-    async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<Lease>;
-    async fn get_record(&self, key: &MessageId) -> Result<Option<Record>>;
-    async fn namespace(&self, name: &str) -> Result<Self>;
-    async fn namespaces(&self) -> Result<Vec<String>>;
-    /// Removes forgotten records of `keys` (see the module docs).
-    async fn sweep(&self, keys: &[MessageId], now: u64) -> Result<()>;
-    fn bus(&self) -> Arc<dyn IdempotencyStore>;
-}
-
-/// `impl Engine for $engine`: the operations both stores share, delegated
-/// to the store, followed by `$own`.
-macro_rules! engine {
-    ($engine:ty, { $($own:tt)* }) => {
-        #[async_trait]
-        impl Engine for $engine {
-        async fn claim(&self, key: &MessageId, ttl: Duration) -> Result<ClaimResult> {
-            self.store.claim(key, ttl).await
-        }
-        async fn claim_fp(&self, key: &MessageId, ttl: Duration, fp: &[u8]) -> Result<ClaimResult> {
-            self.store.claim_with_fingerprint(key, ttl, fp).await
-        }
-        async fn mark_done(&self, key: &MessageId) -> Result<()> {
-            self.store.mark_done(key).await
-        }
-        async fn release(&self, key: &MessageId) -> Result<()> {
-            self.store.release(key).await
-        }
-        async fn complete(&self, lease: &Lease) -> Result<()> {
-            self.store.complete(lease).await
-        }
-        async fn complete_with(&self, lease: &Lease, result: &[u8]) -> Result<()> {
-            self.store.complete_with(lease, result).await
-        }
-        async fn abandon(&self, lease: &Lease) -> Result<()> {
-            self.store.abandon(lease).await
-        }
-        async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-            self.store.extend(lease, ttl).await
-        }
-        async fn get_record(&self, key: &MessageId) -> Result<Option<Record>> {
-            self.store.get_record(key).await
-        }
-        fn bus(&self) -> Arc<dyn IdempotencyStore> {
-            Arc::new(self.store.clone())
-        }
-        $($own)*
-        }
-    };
-}
-
+/// A store under test: the contracts call [`Store`]'s own methods, generic
+/// over its engine, through `Deref`; only sweeping (see the module docs)
+/// and the Redis server's address are the suite's.
 #[derive(Clone)]
-struct Sled {
-    store: SledIdempotencyStore,
+struct Target<E: Engine> {
+    store: Store<E>,
+    /// The Redis server or cluster, for deleting what the model forgets.
+    url: Option<String>,
 }
 
-engine!(Sled, {
-    async fn namespace(&self, name: &str) -> Result<Self> {
-        Ok(Sled {
-            store: self.store.namespace(name).await?,
-        })
+impl<E: Engine> std::ops::Deref for Target<E> {
+    type Target = Store<E>;
+    fn deref(&self) -> &Store<E> {
+        &self.store
     }
-    async fn namespaces(&self) -> Result<Vec<String>> {
-        Ok(self.store.namespaces())
-    }
-    async fn sweep(&self, _: &[MessageId], _: u64) -> Result<()> {
-        self.store.sweep_expired().await.map(|_| ())
-    }
-});
-
-#[derive(Clone)]
-struct Redis {
-    store: RedisIdempotencyStore,
-    url: String,
 }
 
-engine!(Redis, {
+impl<E: Forget> Target<E> {
     async fn namespace(&self, name: &str) -> Result<Self> {
-        Ok(Redis {
+        Ok(Target {
             store: self.store.namespace(name).await?,
             url: self.url.clone(),
         })
     }
-    async fn namespaces(&self) -> Result<Vec<String>> {
-        self.store.namespaces().await
+
+    fn bus(&self) -> Arc<dyn IdempotencyStore> {
+        Arc::new(self.store.clone())
     }
+
+    /// Removes forgotten records of `keys` (see the module docs).
     async fn sweep(&self, keys: &[MessageId], now: u64) -> Result<()> {
+        E::forget(self, keys, now).await
+    }
+}
+
+/// How each engine's forgotten records go.
+trait Forget: Engine {
+    fn forget(
+        target: &Target<Self>,
+        keys: &[MessageId],
+        now: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+impl Forget for SledEngine {
+    async fn forget(target: &Target<Self>, _: &[MessageId], _: u64) -> Result<()> {
+        target.store.sweep_expired().await.map(|_| ())
+    }
+}
+
+impl Forget for RedisEngine {
+    async fn forget(target: &Target<Self>, keys: &[MessageId], now: u64) -> Result<()> {
+        let store = &target.store;
+        let url = target.url.as_deref().expect("a Redis target has its url");
         for key in keys {
-            if let Some(record) = self.store.get_record(key).await?
+            if let Some(record) = store.get_record(key).await?
                 && forgotten(&record, now)
             {
                 let hex = key.as_uuid().simple().to_string();
                 let bucket = &hex[hex.len() - 4..];
-                let ns = self.store.namespace_name();
+                let ns = store.namespace_name();
                 let name = format!("sid:{{{bucket}}}:{ns}:{hex}");
-                let deleted = raw_del(&self.url, self.store.is_cluster(), &name);
+                let deleted = raw_del(url, store.is_cluster(), &name);
                 assert_eq!(deleted.ok(), Some(1), "deleting forgotten {name}");
             }
         }
         Ok(())
     }
-});
+}
 
 /// `DEL name` on the server or cluster at `url`, through a plain client.
 fn raw_del(url: &str, cluster: bool, name: &str) -> redis::RedisResult<i64> {
@@ -178,7 +134,7 @@ fn forgotten(record: &Record, now: u64) -> bool {
     }
 }
 
-async fn sled_engine(clock: &ManualClock) -> Result<(Sled, tempfile::TempDir)> {
+async fn sled_engine(clock: &ManualClock) -> Result<(Target<SledEngine>, tempfile::TempDir)> {
     let dir = tempfile::tempdir().map_err(|e| Error::Io {
         context: "tempdir",
         source: e,
@@ -187,10 +143,10 @@ async fn sled_engine(clock: &ManualClock) -> Result<(Sled, tempfile::TempDir)> {
         .clock(clock.clone())
         .open()
         .await?;
-    Ok((Sled { store }, dir))
+    Ok((Target { store, url: None }, dir))
 }
 
-async fn redis_engine(url: String, clock: &ManualClock) -> Result<Redis> {
+async fn redis_engine(url: String, clock: &ManualClock) -> Result<Target<RedisEngine>> {
     // The suite's servers keep no files: `Flush` (see `redis_engine.rs`
     // for `Sync` on a server that fsyncs every write).
     let store = RedisIdempotencyStore::builder(url.clone())
@@ -198,7 +154,10 @@ async fn redis_engine(url: String, clock: &ManualClock) -> Result<Redis> {
         .clock(clock.clone())
         .open()
         .await?;
-    Ok(Redis { store, url })
+    Ok(Target {
+        store,
+        url: Some(url),
+    })
 }
 
 /// The lease of a claim that must acquire one.
@@ -218,7 +177,7 @@ fn holder(result: Result<impl std::fmt::Debug>) -> Holder {
 
 // ---- the semantics table ------------------------------------------------
 
-async fn claim_absent_then_duplicates<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
+async fn claim_absent_then_duplicates<E: Forget>(s: &Target<E>, clock: &ManualClock) -> TestResult {
     let lease = leased(s.claim(&id(1), TTL).await?);
     assert_eq!((lease.attempt(), lease.expires_at()), (1, T0 + 30_000));
     let dup = s.claim(&id(1), TTL).await?;
@@ -241,8 +200,8 @@ async fn claim_absent_then_duplicates<E: Engine>(s: &E, clock: &ManualClock) -> 
     Ok(())
 }
 
-async fn live_done_is_done_and_expired_done_starts_afresh<E: Engine>(
-    s: &E,
+async fn live_done_is_done_and_expired_done_starts_afresh<E: Forget>(
+    s: &Target<E>,
     clock: &ManualClock,
 ) -> TestResult {
     let lease = leased(s.claim(&id(2), TTL).await?);
@@ -262,7 +221,7 @@ async fn live_done_is_done_and_expired_done_starts_afresh<E: Engine>(
     Ok(())
 }
 
-async fn mark_done_cells<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
+async fn mark_done_cells<E: Forget>(s: &Target<E>, clock: &ManualClock) -> TestResult {
     // Live pending: done for the claim's ttl, token kept.
     let lease = leased(s.claim(&id(3), TTL).await?);
     clock.advance(Duration::from_secs(5));
@@ -304,7 +263,7 @@ async fn mark_done_cells<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
     Ok(())
 }
 
-async fn release_cells<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
+async fn release_cells<E: Forget>(s: &Target<E>, clock: &ManualClock) -> TestResult {
     leased(s.claim(&id(6), TTL).await?);
     s.release(&id(6)).await?;
     assert_eq!(
@@ -337,7 +296,7 @@ async fn release_cells<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
 
 // ---- leases -------------------------------------------------------------
 
-async fn a_taken_over_lease_is_lost<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
+async fn a_taken_over_lease_is_lost<E: Forget>(s: &Target<E>, clock: &ManualClock) -> TestResult {
     let old = leased(s.claim(&id(10), TTL).await?);
     clock.advance(TTL);
     let new = leased(s.claim(&id(10), TTL).await?);
@@ -356,8 +315,8 @@ async fn a_taken_over_lease_is_lost<E: Engine>(s: &E, clock: &ManualClock) -> Te
     Ok(())
 }
 
-async fn an_expired_lease_nobody_reclaimed_is_held_and_extend_keeps_it<E: Engine>(
-    s: &E,
+async fn an_expired_lease_nobody_reclaimed_is_held_and_extend_keeps_it<E: Forget>(
+    s: &Target<E>,
     clock: &ManualClock,
 ) -> TestResult {
     let lease = leased(s.claim(&id(11), TTL).await?);
@@ -383,8 +342,8 @@ async fn an_expired_lease_nobody_reclaimed_is_held_and_extend_keeps_it<E: Engine
     Ok(())
 }
 
-async fn leases_refuse_another_namespace_and_bad_ttls<E: Engine>(
-    s: &E,
+async fn leases_refuse_another_namespace_and_bad_ttls<E: Forget>(
+    s: &Target<E>,
     _: &ManualClock,
 ) -> TestResult {
     let other = s.namespace("other").await?;
@@ -415,7 +374,7 @@ async fn leases_refuse_another_namespace_and_bad_ttls<E: Engine>(
 
 // ---- results and fingerprints --------------------------------------------
 
-async fn results<E: Engine>(s: &E, _: &ManualClock) -> TestResult {
+async fn results<E: Forget>(s: &Target<E>, _: &ManualClock) -> TestResult {
     let lease = leased(s.claim(&id(20), TTL).await?);
     let big = vec![7u8; sled_idempotency::DEFAULT_MAX_RESULT_SIZE + 1];
     assert!(matches!(
@@ -442,14 +401,14 @@ async fn results<E: Engine>(s: &E, _: &ManualClock) -> TestResult {
     Ok(())
 }
 
-async fn fingerprints<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
-    let lease = leased(s.claim_fp(&id(21), TTL, b"a").await?);
+async fn fingerprints<E: Forget>(s: &Target<E>, clock: &ManualClock) -> TestResult {
+    let lease = leased(s.claim_with_fingerprint(&id(21), TTL, b"a").await?);
     assert!(matches!(
-        s.claim_fp(&id(21), TTL, b"a").await?,
+        s.claim_with_fingerprint(&id(21), TTL, b"a").await?,
         ClaimResult::InProgress { .. }
     ));
     assert_eq!(
-        s.claim_fp(&id(21), TTL, b"b").await?,
+        s.claim_with_fingerprint(&id(21), TTL, b"b").await?,
         ClaimResult::Conflict { done: false }
     );
     assert!(matches!(
@@ -458,7 +417,7 @@ async fn fingerprints<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
     ));
     s.complete(&lease).await?;
     assert_eq!(
-        s.claim_fp(&id(21), TTL, b"b").await?,
+        s.claim_with_fingerprint(&id(21), TTL, b"b").await?,
         ClaimResult::Conflict { done: true }
     );
     assert_eq!(
@@ -466,9 +425,9 @@ async fn fingerprints<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
         Some(b"a".to_vec())
     );
     clock.advance(TTL);
-    leased(s.claim_fp(&id(21), TTL, b"b").await?); // expired: a new message
+    leased(s.claim_with_fingerprint(&id(21), TTL, b"b").await?); // expired: a new message
     assert!(matches!(
-        s.claim_fp(&id(22), TTL, &[0; 65]).await,
+        s.claim_with_fingerprint(&id(22), TTL, &[0; 65]).await,
         Err(Error::FingerprintTooLong { .. })
     ));
     Ok(())
@@ -476,7 +435,7 @@ async fn fingerprints<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
 
 // ---- namespaces, concurrency, tokens -------------------------------------
 
-async fn namespaces_are_isolated<E: Engine>(s: &E, _: &ManualClock) -> TestResult {
+async fn namespaces_are_isolated<E: Forget>(s: &Target<E>, _: &ManualClock) -> TestResult {
     let a = s.namespace("orders").await?;
     let b = s.namespace("billing").await?;
     let lease = leased(a.claim(&id(30), TTL).await?);
@@ -501,7 +460,7 @@ async fn namespaces_are_isolated<E: Engine>(s: &E, _: &ManualClock) -> TestResul
     Ok(())
 }
 
-async fn sixty_four_tasks_one_winner<E: Engine>(s: &E, _: &ManualClock) -> TestResult {
+async fn sixty_four_tasks_one_winner<E: Forget>(s: &Target<E>, _: &ManualClock) -> TestResult {
     for round in 0..10u128 {
         let key = id(1_000 + round);
         let tasks: Vec<_> = (0..64)
@@ -522,8 +481,8 @@ async fn sixty_four_tasks_one_winner<E: Engine>(s: &E, _: &ManualClock) -> TestR
     Ok(())
 }
 
-async fn tokens_increase_along_each_keys_history<E: Engine>(
-    s: &E,
+async fn tokens_increase_along_each_keys_history<E: Forget>(
+    s: &Target<E>,
     clock: &ManualClock,
 ) -> TestResult {
     let key = id(40);
@@ -558,7 +517,7 @@ async fn tokens_increase_along_each_keys_history<E: Engine>(
 
 /// Removing a forgotten record changes no outcome: the same script with
 /// and without sweeps gives the same answers.
-async fn sweeps_change_no_outcome<E: Engine>(s: &E, clock: &ManualClock) -> TestResult {
+async fn sweeps_change_no_outcome<E: Forget>(s: &Target<E>, clock: &ManualClock) -> TestResult {
     let mut answers = Vec::new();
     for (name, sweeping) in [("swept", true), ("kept", false)] {
         clock.set(T0);
@@ -594,7 +553,7 @@ async fn sweeps_change_no_outcome<E: Engine>(s: &E, clock: &ManualClock) -> Test
     Ok(())
 }
 
-async fn behind_the_bus_core_trait<E: Engine>(s: &E, _: &ManualClock) -> TestResult {
+async fn behind_the_bus_core_trait<E: Forget>(s: &Target<E>, _: &ManualClock) -> TestResult {
     let bus = s.bus();
     assert_eq!(bus.try_claim(&id(60), TTL).await?, ClaimOutcome::Claimed);
     assert_eq!(

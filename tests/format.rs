@@ -208,7 +208,7 @@ async fn the_version_1_fixture_database_still_opens() -> TestResult {
     let (_dir, path) = copy_fixture(1)?;
     let store = open_fixture(&path).await?;
     assert_default_namespace(&store).await?;
-    assert_eq!(store.namespaces(), vec!["default".to_owned()]);
+    assert_eq!(store.namespaces().await?, vec!["default".to_owned()]);
     // New writes use the current record version; old records stay readable.
     assert_eq!(store.try_claim(&id(5), FIXTURE_TTL).await?, Claimed);
     store.close().await?;
@@ -231,7 +231,7 @@ async fn the_version_2_fixture_database_still_opens() -> TestResult {
     let store = open_fixture(&path).await?;
     assert_default_namespace(&store).await?;
     assert_eq!(
-        store.namespaces(),
+        store.namespaces().await?,
         vec!["default".to_owned(), "billing".to_owned()]
     );
     let billing = store.namespace("billing").await?;

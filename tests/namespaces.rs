@@ -32,7 +32,10 @@ async fn namespaces_are_isolated_keyspaces() -> TestResult {
     assert_eq!(store.try_claim(&id(1), TTL).await?, AlreadyPending);
     assert_eq!(billing.try_claim(&id(1), TTL).await?, AlreadyDone);
     assert_eq!(shipping.try_claim(&id(1), TTL).await?, Claimed);
-    assert_eq!(store.namespaces(), ["default", "billing", "shipping"]);
+    assert_eq!(
+        store.namespaces().await?,
+        ["default", "billing", "shipping"]
+    );
     // Asking again returns the same keyspace.
     assert_eq!(
         store
@@ -130,7 +133,7 @@ async fn namespaces_survive_restarts_and_share_durability() -> TestResult {
         drop((store, billing)); // no close: the flusher's final flush covers every namespace
         let store = fx.open_with(durability).await?;
         assert_eq!(
-            store.namespaces(),
+            store.namespaces().await?,
             ["default", "billing"],
             "found on disk at open"
         );
@@ -174,7 +177,11 @@ async fn invalid_namespace_names_are_refused() -> TestResult {
             "{name:?}: {err}"
         );
     }
-    assert_eq!(store.namespaces(), ["default"], "nothing was created");
+    assert_eq!(
+        store.namespaces().await?,
+        ["default"],
+        "nothing was created"
+    );
     store.namespace(&"n".repeat(64)).await?;
     store.namespace("Billing-2.v_1").await?;
     Ok(())

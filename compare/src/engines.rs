@@ -513,7 +513,7 @@ impl Engine for Device {
     }
 }
 
-/// The crate's write-ahead log (`src/sled/wal.rs`) on its own, behind a
+/// The crate's write-ahead log (`src/sled_engine/wal.rs`) on its own, behind a
 /// sled compare-and-swap: what the store's `Sync` path costs once the log
 /// carries it. Each claim is a CAS of a fresh key (no sled flush), a 64-byte
 /// entry appended, and a wait for the group's fdatasync; a checkpoint

@@ -13,7 +13,7 @@ mod redis_engine;
 mod sample;
 // The crate's write-ahead log, compiled here on its own: it is not public.
 #[allow(dead_code)]
-#[path = "../../src/sled/wal.rs"]
+#[path = "../../src/sled_engine/wal.rs"]
 mod wal;
 
 use std::time::Duration;

@@ -378,7 +378,7 @@ fn census_json(census: &Census) -> serde_json::Value {
 }
 
 async fn stats(opened: &Opened, namespace: Option<String>, json: bool) -> CliResult {
-    let names = opened.namespaces(namespace.as_deref())?;
+    let names = opened.namespaces(namespace.as_deref()).await?;
     let store = opened.store();
     let bar = Bar::records("counting");
     let mut censuses = Vec::new();
@@ -579,7 +579,7 @@ async fn export(
     json: bool,
 ) -> CliResult {
     let started = Instant::now();
-    let names = opened.namespaces(namespace.as_deref())?;
+    let names = opened.namespaces(namespace.as_deref()).await?;
     let mut sink: Box<dyn std::io::Write + Send> = match out {
         Some(path) => Box::new(
             std::fs::File::create(path)

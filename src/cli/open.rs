@@ -185,8 +185,8 @@ impl Opened {
 
     /// The namespaces a command covers: `only`, which must exist, or all
     /// of them (the default first, the others by name).
-    pub(crate) fn namespaces(&self, only: Option<&str>) -> Result<Vec<String>, String> {
-        let mut all = self.store.namespaces();
+    pub(crate) async fn namespaces(&self, only: Option<&str>) -> Result<Vec<String>, String> {
+        let mut all = self.store.namespaces().await.map_err(|e| e.to_string())?;
         all[1..].sort();
         match only {
             None => Ok(all),
@@ -202,7 +202,7 @@ impl Opened {
     /// A handle on namespace `name`, which must exist (a typo never
     /// creates one).
     pub(crate) async fn handle(&self, name: &str) -> Result<SledIdempotencyStore, String> {
-        self.namespaces(Some(name))?;
+        self.namespaces(Some(name)).await?;
         self.store.namespace(name).await.map_err(|e| e.to_string())
     }
 

@@ -8,8 +8,8 @@ use bus_core::{ClaimOutcome, MessageId};
 
 use crate::config::Durability;
 use crate::error::{Error, Result};
-use crate::sled::flusher::Fault;
-use crate::store::SledIdempotencyStore;
+use crate::sled_engine::flusher::Fault;
+use crate::sled_engine::store::SledIdempotencyStore;
 
 const TTL: Duration = Duration::from_secs(60);
 const MODES: [Durability; 3] = [
@@ -60,7 +60,7 @@ async fn a_failed_sync_latches_the_store_in_every_mode() -> Result<()> {
         let path = dir.path().join("db");
         let store = open(&path, durability).await?;
         assert_eq!(store.try_claim(&key(1), TTL).await?, ClaimOutcome::Claimed);
-        store.flusher_inject(Fault::Fail).await?;
+        store.engine.flusher_inject(Fault::Fail).await?;
         if let Durability::Periodic(_) = durability {
             // Acknowledged at once; the periodic flush then fails.
             assert_eq!(store.try_claim(&key(2), TTL).await?, ClaimOutcome::Claimed);
@@ -117,6 +117,7 @@ async fn a_hung_flush_times_out_and_latches() -> Result<()> {
         .open()
         .await?;
     store
+        .engine
         .flusher_inject(Fault::Stall(Duration::from_secs(2)))
         .await?;
     let started = std::time::Instant::now();
@@ -142,7 +143,7 @@ async fn a_dead_flusher_thread_latches_the_store() -> Result<()> {
     for durability in MODES {
         let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
         let store = open(&dir.path().join("db"), durability).await?;
-        store.flusher_inject(Fault::Panic).await?;
+        store.engine.flusher_inject(Fault::Panic).await?;
         let mut n = 1;
         loop {
             match store.try_claim(&key(n), TTL).await {
@@ -173,6 +174,7 @@ async fn dropping_the_last_handle_does_not_wait_for_the_final_flush() -> Result<
     let store = open(&path, Durability::Periodic(Duration::from_secs(3600))).await?;
     assert_eq!(store.try_claim(&key(1), TTL).await?, ClaimOutcome::Claimed);
     store
+        .engine
         .flusher_inject(Fault::Stall(Duration::from_secs(2)))
         .await?;
     let started = std::time::Instant::now();

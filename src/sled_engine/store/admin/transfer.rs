@@ -12,9 +12,9 @@ use crate::error::{Error, Result};
 use crate::machine;
 use crate::namespace::validate_namespace;
 use crate::record::{MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, Record, State};
-use crate::sled::keyspace::{cas, display_key, next_token};
-use crate::sled::open::FORMAT_VERSION;
-use crate::store::{SledIdempotencyStore, blocking};
+use crate::sled_engine::keyspace::{cas, display_key, next_token};
+use crate::sled_engine::open::FORMAT_VERSION;
+use crate::sled_engine::store::{SledEngine, blocking};
 
 /// Version of the export line schema, written in every line.
 ///
@@ -324,7 +324,7 @@ impl Admin<'_> {
         // Only namespaces that exist can hold conflicting records; the
         // others are created once the import is known to go ahead.
         let known = self.store.namespaces();
-        let mut existing: Vec<Option<SledIdempotencyStore>> = Vec::with_capacity(spaces.len());
+        let mut existing: Vec<Option<SledEngine>> = Vec::with_capacity(spaces.len());
         for (name, _) in &spaces {
             existing.push(match known.contains(name) {
                 true => Some(self.store.namespace(name).await?),
@@ -402,9 +402,9 @@ impl Admin<'_> {
 
 /// Writes one imported record as `on_conflict` says, counting what it did.
 fn write_one(
-    open: &crate::sled::Open,
+    open: &crate::sled_engine::Open,
     tree: &sled::Tree,
-    handle: &SledIdempotencyStore,
+    handle: &SledEngine,
     r: &Incoming,
     on_conflict: OnConflict,
     report: &mut ImportReport,

@@ -22,14 +22,14 @@ use crate::config::{
     DEFAULT_DURABILITY, DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_TTL,
     Durability, validate_common,
 };
-use crate::engine::{Acquired, Engine, Finished};
+use crate::engine::{Acquired, Engine, Finished, Ops};
 use crate::error::{Error, Result};
-use crate::front;
 use crate::lease::ClaimResult;
 use crate::machine::Holder;
 use crate::namespace::{DEFAULT_NAMESPACE, validate_namespace};
 use crate::record::{Record, State};
 use crate::stats::Counters;
+use crate::store::Store;
 
 /// Largest ttl or retention the Redis engine takes: 2^52 ms (about 142,000
 /// years). Its functions compute in Lua numbers, exact below 2^53.
@@ -41,42 +41,11 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Key of the set that names every namespace used (one key: one slot).
 const NAMESPACES_KEY: &str = "sid:namespaces";
 
-/// An idempotency store on Redis or Redis Cluster — more exactly, a handle on
-/// one namespace of it. The same operations and answers as
-/// [`SledIdempotencyStore`](crate::SledIdempotencyStore), shared by every
-/// process that connects to the same server.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), sled_idempotency::Error> {
-/// use sled_idempotency::{ClaimResult, MessageId, RedisIdempotencyStore};
-/// use std::time::Duration;
-///
-/// let store = RedisIdempotencyStore::open("redis://127.0.0.1:6379/").await?;
-/// let id = MessageId::new();
-/// if let ClaimResult::Acquired(lease) = store.claim(&id, Duration::from_secs(30)).await? {
-///     // ... run the handler, then:
-///     store.complete(&lease).await?;
-/// }
-/// store.close().await?;
-/// # Ok(()) }
-/// ```
-///
-/// **Clock.** Expiry is decided by the Redis server's clock (`TIME`, read
-/// inside each function), unless the builder is given a [`Clock`]: one
-/// clock per key for every worker, whatever their own clocks say. In a
-/// cluster each key is decided by the clock of the master that holds it.
-///
-/// **Fencing tokens** strictly increase along each key's history, across
-/// releases, abandons, expiry and server restarts: a claim draws its token
-/// in the same atomic step that writes the record, from a counter kept per
-/// bucket of keys beside the records (same hash slot), and the token is
-/// never below the server's clock in microseconds. A token can repeat only
-/// if the server loses acknowledged writes (a failover to a replica that
-/// had not received them, or a restart without `appendfsync always`) *and*
-/// the node that serves the key afterwards has a clock behind the lost
-/// token's time.
+/// The Redis engine: what a [`RedisIdempotencyStore`] keeps its records
+/// in. Used only as [`Store`]'s type parameter; it has no methods of its
+/// own.
 #[derive(Debug, Clone)]
-pub struct RedisIdempotencyStore {
+pub struct RedisEngine {
     shared: Arc<Shared>,
     namespace: Arc<str>,
     /// This handle's counters (they feed the `metrics` feature; the Redis
@@ -205,6 +174,10 @@ impl RedisBuilder {
     /// master and, for [`Durability::Sync`], checks the servers' fsync
     /// settings.
     pub async fn open(self) -> Result<RedisIdempotencyStore> {
+        self.open_engine().await.map(Store::new)
+    }
+
+    async fn open_engine(self) -> Result<RedisEngine> {
         let bounded = |d: Duration, what: &str| {
             let ms = millis(d);
             if ms >= REDIS_MAX_MILLIS {
@@ -237,7 +210,7 @@ impl RedisBuilder {
             conn.check_fsync_always().await?;
         }
         tracing::debug!(cluster = conn.is_cluster(), "Redis store opened");
-        Ok(RedisIdempotencyStore {
+        Ok(RedisEngine {
             shared: Arc::new(Shared {
                 conn,
                 clock: self.clock,
@@ -305,49 +278,8 @@ impl Reply {
     }
 }
 
-impl RedisIdempotencyStore {
-    /// Opens the store at `url` (`redis://host:port/`, `rediss://` with the
-    /// feature `redis-tls`; any node of a cluster) with default settings.
-    pub async fn open(url: &str) -> Result<Self> {
-        Self::builder(url).open().await
-    }
-
-    /// A builder for a store at `url`.
-    pub fn builder(url: impl Into<String>) -> RedisBuilder {
-        RedisBuilder {
-            url: url.into(),
-            durability: DEFAULT_DURABILITY,
-            default_ttl: DEFAULT_TTL,
-            done_retention: None,
-            pending_retention: DEFAULT_PENDING_RETENTION,
-            max_result_size: DEFAULT_MAX_RESULT_SIZE,
-            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
-            clock: None,
-            #[cfg(feature = "redis-tls")]
-            root_certificate: None,
-        }
-    }
-
-    /// Whether the store talks to a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        self.shared.conn.is_cluster()
-    }
-
-    /// The durability mode the store was opened with.
-    pub fn durability(&self) -> Durability {
-        self.shared.durability
-    }
-
-    /// The name of this handle's namespace.
-    pub fn namespace_name(&self) -> &str {
-        &self.namespace
-    }
-
-    /// A handle on namespace `name` (same names as the sled store: 1 to 64
-    /// ASCII letters, digits, `-`, `_` or `.`). Its name is recorded in one
-    /// set on the server so that [`namespaces`](Self::namespaces) can list
-    /// it.
-    pub async fn namespace(&self, name: &str) -> Result<RedisIdempotencyStore> {
+impl RedisEngine {
+    pub(crate) async fn namespace(&self, name: &str) -> Result<RedisEngine> {
         validate_namespace(name)?;
         self.check_open()?;
         let mut cmd = redis::cmd("SADD");
@@ -357,15 +289,14 @@ impl RedisIdempotencyStore {
             .query(&cmd)
             .await
             .map_err(redis_error("recording a namespace"))?;
-        Ok(RedisIdempotencyStore {
+        Ok(RedisEngine {
             shared: self.shared.clone(),
             namespace: name.into(),
             counters: Arc::new(Counters::new(name, self.shared.durability)),
         })
     }
 
-    /// Every namespace created on this server, the default first.
-    pub async fn namespaces(&self) -> Result<Vec<String>> {
+    pub(crate) async fn namespaces(&self) -> Result<Vec<String>> {
         self.check_open()?;
         let mut cmd = redis::cmd("SMEMBERS");
         cmd.arg(NAMESPACES_KEY);
@@ -449,12 +380,7 @@ impl RedisIdempotencyStore {
         }
     }
 
-    front::operations!();
-
-    /// The live record for `key`, or `None` if it is absent or expired, by
-    /// the store's clock (the server's, unless the builder was given one).
-    /// One round trip.
-    pub async fn get(&self, key: &MessageId) -> Result<Option<Record>> {
+    pub(crate) async fn get(&self, key: &MessageId) -> Result<Option<Record>> {
         let (server_now, record) = self.read(key).await?;
         let now = match &self.shared.clock {
             Some(clock) => clock.now_millis(),
@@ -463,10 +389,7 @@ impl RedisIdempotencyStore {
         Ok(record.filter(|r| r.is_live(now)))
     }
 
-    /// The record stored for `key`, live or expired, until the server
-    /// expires it (no earlier than the moment every operation starts
-    /// treating it as absent). One round trip (a read-only function).
-    pub async fn get_record(&self, key: &MessageId) -> Result<Option<Record>> {
+    pub(crate) async fn get_record(&self, key: &MessageId) -> Result<Option<Record>> {
         Ok(self.read(key).await?.1)
     }
 
@@ -494,11 +417,7 @@ impl RedisIdempotencyStore {
         Ok((now, Some(record)))
     }
 
-    /// Marks every handle of this store closed: later calls return
-    /// [`Error::Closed`]. Every acknowledged write is already on the server
-    /// (and, under [`Durability::Sync`], on its disk), so there is nothing
-    /// to flush; the connections close when the last handle is dropped.
-    pub async fn close(&self) -> Result<()> {
+    pub(crate) async fn close(&self) -> Result<()> {
         self.shared.closed.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -516,10 +435,101 @@ fn bounded(ttl: Duration, ttl_ms: u64) -> Result<String> {
     Ok(ttl_ms.to_string())
 }
 
+/// An idempotency store on Redis or Redis Cluster — more exactly, a handle on
+/// one namespace of it. The same operations and answers as
+/// [`SledIdempotencyStore`](crate::SledIdempotencyStore), shared by every
+/// process that connects to the same server.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sled_idempotency::Error> {
+/// use sled_idempotency::{ClaimResult, MessageId, RedisIdempotencyStore};
+/// use std::time::Duration;
+///
+/// let store = RedisIdempotencyStore::open("redis://127.0.0.1:6379/").await?;
+/// let id = MessageId::new();
+/// if let ClaimResult::Acquired(lease) = store.claim(&id, Duration::from_secs(30)).await? {
+///     // ... run the handler, then:
+///     store.complete(&lease).await?;
+/// }
+/// store.close().await?;
+/// # Ok(()) }
+/// ```
+///
+/// **Clock.** Expiry is decided by the Redis server's clock (`TIME`, read
+/// inside each function), unless the builder is given a [`Clock`]: one
+/// clock per key for every worker, whatever their own clocks say. In a
+/// cluster each key is decided by the clock of the master that holds it.
+///
+/// **Fencing tokens** strictly increase along each key's history, across
+/// releases, abandons, expiry and server restarts: a claim draws its token
+/// in the same atomic step that writes the record, from a counter kept per
+/// bucket of keys beside the records (same hash slot), and the token is
+/// never below the server's clock in microseconds. A token can repeat only
+/// if the server loses acknowledged writes (a failover to a replica that
+/// had not received them, or a restart without `appendfsync always`) *and*
+/// the node that serves the key afterwards has a clock behind the lost
+/// token's time.
+pub type RedisIdempotencyStore = Store<RedisEngine>;
+
+/// The methods only a Redis store has.
+impl Store<RedisEngine> {
+    /// Opens the store at `url` (`redis://host:port/`, `rediss://` with the
+    /// feature `redis-tls`; any node of a cluster) with default settings.
+    pub async fn open(url: &str) -> Result<Self> {
+        Self::builder(url).open().await
+    }
+
+    /// A builder for a store at `url`.
+    pub fn builder(url: impl Into<String>) -> RedisBuilder {
+        RedisBuilder {
+            url: url.into(),
+            durability: DEFAULT_DURABILITY,
+            default_ttl: DEFAULT_TTL,
+            done_retention: None,
+            pending_retention: DEFAULT_PENDING_RETENTION,
+            max_result_size: DEFAULT_MAX_RESULT_SIZE,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            clock: None,
+            #[cfg(feature = "redis-tls")]
+            root_certificate: None,
+        }
+    }
+
+    /// Whether the store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.engine.shared.conn.is_cluster()
+    }
+
+    /// The durability mode the store was opened with.
+    pub fn durability(&self) -> Durability {
+        self.engine.shared.durability
+    }
+}
+
 /// The Redis engine's atomic operations: one function call each.
-impl Engine for RedisIdempotencyStore {
+impl Ops for RedisEngine {
     fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    async fn open_namespace(&self, name: &str) -> Result<Self> {
+        RedisEngine::namespace(self, name).await
+    }
+
+    async fn namespaces(&self) -> Result<Vec<String>> {
+        RedisEngine::namespaces(self).await
+    }
+
+    async fn get(&self, key: &MessageId) -> Result<Option<Record>> {
+        RedisEngine::get(self, key).await
+    }
+
+    async fn get_record(&self, key: &MessageId) -> Result<Option<Record>> {
+        RedisEngine::get_record(self, key).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        RedisEngine::close(self).await
     }
 
     fn counters(&self) -> Option<&Counters> {
@@ -647,4 +657,4 @@ impl Engine for RedisIdempotencyStore {
     }
 }
 
-front::bus_core_store!(RedisIdempotencyStore);
+impl Engine for RedisEngine {}

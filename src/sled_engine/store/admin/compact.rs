@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::{CompactReport, OnProgress, dir_size};
 use crate::config::Builder;
 use crate::error::{Error, Result};
-use crate::sled::open::{sync_parent, wait_for_lock_release};
+use crate::sled_engine::open::{sync_parent, wait_for_lock_release};
 
 /// The steps of [`compact`], reported in this order as each is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

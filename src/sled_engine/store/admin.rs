@@ -14,17 +14,17 @@ use std::sync::atomic::Ordering;
 
 use bus_core::MessageId;
 
-use super::{SledIdempotencyStore, blocking};
+use super::{SledEngine, blocking};
 use crate::error::{Error, Result};
 use crate::machine;
 use crate::record::{MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, Record, State};
-use crate::sled::expiry::Counts;
-use crate::sled::keyspace::{cas, display_key, next_token};
-use crate::sled::open::{
+use crate::sled_engine::expiry::Counts;
+use crate::sled_engine::keyspace::{cas, display_key, next_token};
+use crate::sled_engine::open::{
     FORMAT_VERSION, is_known_tree, meta_tree, namespace_tree, open_db, set_token_floor,
     token_floor, wait_for_lock_release,
 };
-use crate::sled::sweeper::SweepReport;
+use crate::sled_engine::sweeper::SweepReport;
 
 #[cfg(feature = "admin")]
 mod compact;
@@ -43,7 +43,7 @@ pub type OnProgress = Arc<dyn Fn(u64) + Send + Sync>;
 const PROGRESS_EVERY: u64 = 4096;
 
 /// The admin operations of one store handle; from
-/// [`SledIdempotencyStore::admin`]. Those that read records
+/// [`SledEngine::admin`]. Those that read records
 /// ([`census`](Self::census), [`list`](Self::list),
 /// `export`) act on the handle's namespace; those that check or
 /// rewrite the database ([`verify`](Self::verify), [`sweep`](Self::sweep),
@@ -51,7 +51,7 @@ const PROGRESS_EVERY: u64 = 4096;
 /// of it.
 #[derive(Clone)]
 pub struct Admin<'a> {
-    store: &'a SledIdempotencyStore,
+    store: &'a SledEngine,
     progress: Option<OnProgress>,
 }
 
@@ -213,14 +213,20 @@ pub struct CompactReport {
     pub token_floor: u64,
 }
 
-impl SledIdempotencyStore {
-    /// The admin operations, for tools and for workers that expose them
-    /// (see `examples/admin_http.rs`).
-    pub fn admin(&self) -> Admin<'_> {
+impl SledEngine {
+    pub(crate) fn admin(&self) -> Admin<'_> {
         Admin {
             store: self,
             progress: None,
         }
+    }
+}
+
+impl crate::store::Store<SledEngine> {
+    /// The admin operations, for tools and for workers that expose them
+    /// (see `examples/admin_http.rs`).
+    pub fn admin(&self) -> Admin<'_> {
+        self.engine.admin()
     }
 }
 
@@ -329,7 +335,7 @@ impl Admin<'_> {
     /// A page of the namespace's records in key order that pass `filter`.
     /// Corrupted values are skipped (and logged). A listing of pending
     /// records only reads the store's index of pending keys (see
-    /// [`SledIdempotencyStore::list`]).
+    /// [`SledEngine::list`]).
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<(MessageId, Record)>> {
         let now = self.store.inner.clock.now_millis();
         let filter = filter.clone();
@@ -460,7 +466,7 @@ impl Admin<'_> {
 
     /// Removes every forgotten record of every namespace now, in batches
     /// (the background sweeper's code), reporting progress in records
-    /// examined. Unlike [`SledIdempotencyStore::sweep_expired`] it does
+    /// examined. Unlike [`SledEngine::sweep_expired`] it does
     /// not pause between batches: an operator asked for it.
     pub async fn sweep(&self) -> Result<SweepReport> {
         self.store.sweep_all(self.progress.as_ref(), false).await
@@ -581,7 +587,7 @@ impl Admin<'_> {
     /// Raises the token floor to at least `floor`, durably, before records
     /// carrying tokens up to `floor` are written.
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
-    fn raise_token_floor(open: &crate::sled::Open, floor: u64) -> Result<()> {
+    fn raise_token_floor(open: &crate::sled_engine::Open, floor: u64) -> Result<()> {
         if open.token_floor.load(Ordering::SeqCst) >= floor {
             return Ok(());
         }

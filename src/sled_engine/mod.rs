@@ -1,12 +1,17 @@
-//! The sled engine: how records reach the disk. `open` opens, checks,
-//! recovers and finally releases a database; `keyspace` holds the only code
-//! that writes a record (compare-and-swap, removal under the fencing
-//! watermark, tokens); `flusher` makes writes durable and latches after an
-//! I/O failure; `expiry` indexes records by the time they are forgotten;
-//! `sweeper` removes forgotten records in the background.
+//! The sled engine. `store` is the engine behind `Store<SledEngine>`
+//! (handles, namespaces, the compare-and-swap loops, inspection, sweeping,
+//! close, and the methods only a sled store has), with its admin API in
+//! `store/` and its index of pending keys in `pending`. The rest is how
+//! records reach the disk: `open` opens, checks, recovers and finally
+//! releases a database; `keyspace` holds the only code that writes a record
+//! (compare-and-swap, removal under the fencing watermark, tokens);
+//! `flusher` makes writes durable and latches after an I/O failure;
+//! `expiry` indexes records by the time they are forgotten; `sweeper`
+//! removes forgotten records in the background; `wal` is the write-ahead
+//! log, not yet wired in.
 //!
-//! Nothing here knows the public API: the store drives it, and nothing in
-//! this folder imports the store.
+//! None of those disk modules knows the public API or imports `store`: the
+//! store drives them.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -16,8 +21,12 @@ use crate::error::Result;
 pub(crate) mod expiry;
 pub(crate) mod flusher;
 pub(crate) mod keyspace;
+#[cfg(test)]
+mod latch_tests;
 pub(crate) mod open;
+pub(crate) mod pending;
 pub(crate) mod pressure;
+pub(crate) mod store;
 pub(crate) mod sweeper;
 // Not wired into the store yet: the log alone, tested and measured first.
 #[allow(dead_code)]
