@@ -25,9 +25,48 @@ pub enum Error {
         ttl: Duration,
     },
 
-    /// A builder setting that cannot work.
+    /// A builder setting that cannot work (or, for the Redis engine's
+    /// `Durability::Sync`, a server setting that does not match it).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+
+    /// The store was opened outside a tokio runtime; it runs its sweeper
+    /// and its flusher's waits on one.
+    #[error("the store must be opened inside a tokio runtime (it starts its sweeper there)")]
+    NoRuntime,
+
+    /// The directory a new database was to be written to (by
+    /// `compact_into`, or a compaction's work directory) already holds
+    /// something else.
+    #[error(
+        "{path} exists and is not empty (nor a database an earlier compaction left); \
+         the new database needs a fresh directory: move it away first"
+    )]
+    DestinationNotEmpty {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// A path the operation cannot use.
+    #[error("{path} cannot be used: {reason}")]
+    InvalidPath {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+
+    /// The store's clock reads a time its engine cannot compute with (the
+    /// Redis engine computes exactly below 2^52 ms).
+    #[error(
+        "the store's clock reads {now_ms} ms, past the {max_ms} ms this engine computes exactly"
+    )]
+    ClockOutOfRange {
+        /// What the clock read.
+        now_ms: u64,
+        /// The largest time the engine takes.
+        max_ms: u64,
+    },
 
     /// Another process (or another open store in this process) holds the
     /// database's lock.
@@ -235,9 +274,9 @@ pub enum Error {
         context: &'static str,
         /// True when a write may have been applied although it failed.
         outcome_unknown: bool,
-        /// The underlying error.
+        /// The underlying error; its `source()` is the client's.
         #[source]
-        source: redis::RedisError,
+        source: RedisError,
     },
 
     /// An error reported by sled.
@@ -245,15 +284,58 @@ pub enum Error {
     Storage {
         /// What the store was doing.
         context: &'static str,
-        /// The underlying error.
+        /// The underlying error; its `source()` is sled's.
         #[source]
-        source: sled::Error,
+        source: StorageError,
     },
+}
+
+/// An error sled reported, behind a type of this crate so that sled's
+/// version is not part of this crate's API. Its message is sled's, and
+/// [`source`](std::error::Error::source) returns sled's error itself.
+#[derive(Debug)]
+pub struct StorageError(pub(crate) sled::Error);
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// An error of the Redis client or server, behind a type of this crate so
+/// that the client's version is not part of this crate's API. Its message
+/// is the client's, and [`source`](std::error::Error::source) returns the
+/// client's error itself.
+#[cfg(feature = "redis")]
+#[derive(Debug)]
+pub struct RedisError(pub(crate) redis::RedisError);
+
+#[cfg(feature = "redis")]
+impl std::fmt::Display for RedisError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(feature = "redis")]
+impl std::error::Error for RedisError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
 }
 
 impl Error {
     pub(crate) fn storage(context: &'static str) -> impl FnOnce(sled::Error) -> Error {
-        move |source| Error::Storage { context, source }
+        move |source| Error::Storage {
+            context,
+            source: StorageError(source),
+        }
     }
 
     pub(crate) fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {

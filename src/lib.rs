@@ -26,6 +26,7 @@ mod sync;
 /// server or cluster.
 #[cfg(feature = "redis")]
 pub mod redis {
+    pub use crate::error::RedisError;
     pub use crate::redis_engine::{
         DEFAULT_RESPONSE_TIMEOUT, REDIS_MAX_MILLIS, RedisBuilder, RedisEngine,
         RedisIdempotencyStore,
@@ -44,7 +45,7 @@ pub use config::{
     DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability, MAX_WAIT,
 };
 pub use engine::Engine;
-pub use error::{Error, Result};
+pub use error::{Error, Result, StorageError};
 pub use lease::{ClaimResult, Lease};
 pub use machine::Holder;
 pub use namespace::DEFAULT_NAMESPACE;

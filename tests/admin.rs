@@ -152,6 +152,18 @@ async fn verify_names_each_bad_key_and_passes_a_sound_database() -> TestResult {
     // Compaction copies a value that does not decode as it is: nothing
     // stored is lost, and verify still names it.
     let dest = fx.dir.path().join("compacted");
+    // A destination that holds anything is refused by name, untouched.
+    std::fs::create_dir(&dest).expect("mkdir");
+    std::fs::write(dest.join("notes.txt"), b"mine").expect("write");
+    match store.admin().compact_into(&dest).await {
+        Err(sled_idempotency::Error::DestinationNotEmpty { path }) => assert_eq!(path, dest),
+        other => panic!("expected DestinationNotEmpty, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(dest.join("notes.txt")).expect("read"),
+        b"mine"
+    );
+    std::fs::remove_dir_all(&dest).expect("rm");
     let report = store.admin().compact_into(&dest).await?;
     assert_eq!(report.corrupt, 1);
     store.close().await?;

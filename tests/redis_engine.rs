@@ -55,9 +55,17 @@ fn record_key(id: &MessageId) -> String {
     format!("sid:{{{}}}:default:{hex}", &hex[28..])
 }
 
+/// The Redis client's error behind one of the crate's.
+fn client_error(e: &sled_idempotency::redis::RedisError) -> Option<&redis::RedisError> {
+    std::error::Error::source(e)?.downcast_ref()
+}
+
 /// Runs `call` until it stops failing because the server was away (the
 /// store reconnects by itself), for at most 20 s. Any other error is
 /// returned at once.
+///
+/// The client's error is reached through `source()`, as a user reaches it:
+/// the crate's own error type does not expose the client's.
 async fn retried<T, F, Fut>(mut call: F) -> sled_idempotency::Result<T>
 where
     F: FnMut() -> Fut,
@@ -66,10 +74,12 @@ where
     for _ in 0..400 {
         match call().await {
             Err(Error::Redis { source, .. })
-                if source.is_io_error()
-                    || source.is_connection_dropped()
-                    || source.is_connection_refusal()
-                    || source.is_timeout() =>
+                if client_error(&source).is_some_and(|e| {
+                    e.is_io_error()
+                        || e.is_connection_dropped()
+                        || e.is_connection_refusal()
+                        || e.is_timeout()
+                }) =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
@@ -262,8 +272,11 @@ async fn bad_settings_are_refused_with_a_clear_error() -> TestResult {
     }
     let far = builder().clock(ManualClock::new(1 << 53)).open().await?;
     match far.claim(&MessageId::new(), TTL).await {
-        Err(Error::InvalidConfig(why)) => assert!(why.contains("clock"), "{why}"),
-        other => panic!("a clock past 2^52 ms: expected InvalidConfig, got {other:?}"),
+        Err(e @ Error::ClockOutOfRange { now_ms, .. }) => {
+            assert_eq!(now_ms, 1 << 53);
+            assert!(e.to_string().contains("clock"), "{e}");
+        }
+        other => panic!("a clock past 2^52 ms: expected ClockOutOfRange, got {other:?}"),
     }
     let bad_url = RedisIdempotencyStore::open("not a url").await;
     assert!(matches!(bad_url, Err(Error::Redis { .. })), "{bad_url:?}");

@@ -78,7 +78,7 @@ pub(crate) fn redis_error(context: &'static str) -> impl FnOnce(RedisError) -> E
     move |source| Error::Redis {
         context,
         outcome_unknown: false,
-        source,
+        source: crate::error::RedisError(source),
     }
 }
 
@@ -86,7 +86,11 @@ pub(crate) fn unexpected(context: &'static str, what: String) -> Error {
     Error::Redis {
         context,
         outcome_unknown: false,
-        source: RedisError::from((ErrorKind::UnexpectedReturnType, "unexpected reply", what)),
+        source: crate::error::RedisError(RedisError::from((
+            ErrorKind::UnexpectedReturnType,
+            "unexpected reply",
+            what,
+        ))),
     }
 }
 
@@ -198,7 +202,7 @@ impl Conn {
             return Err(Error::Redis {
                 context,
                 outcome_unknown: error.is_io_error() || error.is_timeout(),
-                source: error,
+                source: crate::error::RedisError(error),
             });
         }
     }

@@ -348,10 +348,10 @@ impl RedisEngine {
             Some(clock) => {
                 let now = clock.now_millis();
                 if now >= REDIS_MAX_MILLIS {
-                    return Err(Error::InvalidConfig(format!(
-                        "the store's clock reads {now} ms, past what the Redis engine computes \
-                         exactly (2^52 ms)"
-                    )));
+                    return Err(Error::ClockOutOfRange {
+                        now_ms: now,
+                        max_ms: REDIS_MAX_MILLIS - 1,
+                    });
                 }
                 now.to_string()
             }
@@ -370,10 +370,10 @@ impl RedisEngine {
             .await
         {
             Ok(reply) => Ok(Reply(reply)),
-            Err(Error::Redis { source, .. }) if source.code() == Some("CORRUPT") => {
+            Err(Error::Redis { source, .. }) if source.0.code() == Some("CORRUPT") => {
                 Err(Error::Corrupt {
                     key: key.to_string(),
-                    reason: source.detail().unwrap_or("not a record").to_owned(),
+                    reason: source.0.detail().unwrap_or("not a record").to_owned(),
                 })
             }
             Err(e) => Err(e),

@@ -218,7 +218,7 @@ pub(crate) fn open_db(path: &Path, cache_capacity: u64, pending_ms: u64) -> Resu
             sled::Error::Corruption { .. } | sled::Error::Unsupported(_) => not_a_db(e.to_string()),
             other => Error::Storage {
                 context: "opening the database",
-                source: other,
+                source: crate::error::StorageError(other),
             },
         })?;
     // sled creates its files and directory (on the first open) and, while

@@ -152,9 +152,7 @@ impl Builder {
 impl SledEngine {
     async fn open_with(b: Builder) -> Result<Self> {
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(Error::InvalidConfig(
-                "the store must be opened inside a tokio runtime".into(),
-            ));
+            return Err(Error::NoRuntime);
         }
         // sled recovers on the calling thread: open is a one-off startup
         // step, and recovering on a fresh pool thread measured ~1.3x slower
@@ -610,7 +608,7 @@ where
         .await
         .map_err(|e| Error::Storage {
             context: "running a scan on a blocking thread",
-            source: sled::Error::ReportableBug(e.to_string()),
+            source: crate::error::StorageError(sled::Error::ReportableBug(e.to_string())),
         })?
 }
 

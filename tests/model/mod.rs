@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sled_idempotency::{
-    ClaimOutcome, ClaimResult, Durability, Error, Holder, Lease, ManualClock, MessageId, Record,
-    SledIdempotencyStore, State,
+    ClaimOutcome, ClaimResult, Durability, Engine, Error, Holder, Lease, ManualClock, MessageId,
+    Record, SledEngine, SledIdempotencyStore, State, Store,
 };
 
 /// Keys are drawn from a small space so that operations collide.
@@ -352,77 +352,42 @@ pub fn key_id(key: u8) -> MessageId {
     MessageId::from_uuid(uuid::Uuid::from_u128(u128::from(key) + 1))
 }
 
-/// Runs `ops` against a fresh store in `dir` and the model, and reports the
-/// first divergence.
-/// The store a driver runs against: the sled engine, or (feature `redis`)
-/// the Redis engine, which has every op but the sled-only ones (sweep,
-/// list, reopen, sync failures).
-#[derive(Debug, Clone)]
-pub enum Target {
-    Sled(SledIdempotencyStore),
-    #[cfg(feature = "redis")]
-    Redis(sled_idempotency::RedisIdempotencyStore),
+/// The engine a driver runs on: every op goes through [`Store`]'s own
+/// methods, whatever the engine; the sled-only ones (sweep, list, reopen,
+/// sync failures) need the sled store.
+pub trait Under: Engine {
+    /// The store as a sled store, if it is one.
+    fn sled(store: &Store<Self>) -> Option<&SledIdempotencyStore>;
+    /// A reopened sled store as this engine's, if it is one.
+    fn reopened(store: SledIdempotencyStore) -> Option<Store<Self>>;
 }
 
-/// `$body` with `$store` bound to whichever store `$target` holds.
-macro_rules! on {
-    ($target:expr, $store:ident => $body:expr) => {
-        match $target {
-            Target::Sled($store) => $body,
-            #[cfg(feature = "redis")]
-            Target::Redis($store) => $body,
-        }
-    };
-}
-
-type Answer<T> = Result<T, Error>;
-
-impl Target {
-    async fn try_claim(&self, key: &MessageId, ttl: Duration) -> Answer<ClaimOutcome> {
-        on!(self, s => s.try_claim(key, ttl).await)
+impl Under for SledEngine {
+    fn sled(store: &Store<Self>) -> Option<&SledIdempotencyStore> {
+        Some(store)
     }
-    async fn claim(&self, key: &MessageId, ttl: Duration) -> Answer<ClaimResult> {
-        on!(self, s => s.claim(key, ttl).await)
-    }
-    async fn claim_with_fingerprint(
-        &self,
-        key: &MessageId,
-        ttl: Duration,
-        fingerprint: &[u8],
-    ) -> Answer<ClaimResult> {
-        on!(self, s => s.claim_with_fingerprint(key, ttl, fingerprint).await)
-    }
-    async fn mark_done(&self, key: &MessageId) -> Answer<()> {
-        on!(self, s => s.mark_done(key).await)
-    }
-    async fn release(&self, key: &MessageId) -> Answer<()> {
-        on!(self, s => s.release(key).await)
-    }
-    async fn complete(&self, lease: &Lease) -> Answer<()> {
-        on!(self, s => s.complete(lease).await)
-    }
-    async fn complete_with(&self, lease: &Lease, result: &[u8]) -> Answer<()> {
-        on!(self, s => s.complete_with(lease, result).await)
-    }
-    async fn abandon(&self, lease: &Lease) -> Answer<()> {
-        on!(self, s => s.abandon(lease).await)
-    }
-    async fn extend(&self, lease: &Lease, ttl: Duration) -> Answer<Lease> {
-        on!(self, s => s.extend(lease, ttl).await)
-    }
-    async fn get_record(&self, key: &MessageId) -> Answer<Option<Record>> {
-        on!(self, s => s.get_record(key).await)
-    }
-    async fn close(&self) -> Answer<()> {
-        on!(self, s => s.close().await)
+    fn reopened(store: SledIdempotencyStore) -> Option<Store<Self>> {
+        Some(store)
     }
 }
 
-pub struct Driver {
+#[cfg(feature = "redis")]
+impl Under for sled_idempotency::redis::RedisEngine {
+    fn sled(_: &Store<Self>) -> Option<&SledIdempotencyStore> {
+        None
+    }
+    fn reopened(_: SledIdempotencyStore) -> Option<Store<Self>> {
+        None
+    }
+}
+
+/// Applies ops to a store (the sled engine unless said otherwise) and to
+/// the model, comparing after every step.
+pub struct Driver<E: Under = SledEngine> {
     dir: std::path::PathBuf,
     durability: Durability,
     clock: ManualClock,
-    store: Option<Target>,
+    store: Option<Store<E>>,
     model: Model,
     /// Store token of model claim `n` at index `n` (index 0: no claim).
     tokens: Vec<u64>,
@@ -463,20 +428,33 @@ fn failed(what: &'static str) -> impl FnOnce(Error) -> StepError {
     }
 }
 
-impl Driver {
+impl Driver<SledEngine> {
     pub async fn new(dir: &std::path::Path, durability: Durability) -> Result<Driver, String> {
         let mut driver = Driver::fresh(dir.join("db"), durability, ManualClock::new(T0), None);
         driver.reopen().await?;
         Ok(driver)
     }
+}
 
+#[cfg(feature = "redis")]
+impl Driver<sled_idempotency::redis::RedisEngine> {
+    /// A driver on `store`, a Redis store opened with this module's
+    /// retention and a clock at [`T0`] (`clock`), and with no record of
+    /// the [`KEYS`] keys in its namespace.
+    pub fn redis(store: sled_idempotency::RedisIdempotencyStore, clock: ManualClock) -> Self {
+        let durability = store.durability();
+        Driver::fresh(std::path::PathBuf::new(), durability, clock, Some(store))
+    }
+}
+
+impl<E: Under> Driver<E> {
     /// A driver with an empty model at [`T0`].
     fn fresh(
         dir: std::path::PathBuf,
         durability: Durability,
         clock: ManualClock,
-        store: Option<Target>,
-    ) -> Driver {
+        store: Option<Store<E>>,
+    ) -> Self {
         Driver {
             dir,
             durability,
@@ -495,23 +473,8 @@ impl Driver {
         }
     }
 
-    /// A driver on `store`, a Redis store opened with this module's
-    /// retention and a clock at [`T0`] (`clock`), and with no record of
-    /// the [`KEYS`] keys in its namespace.
-    #[cfg(feature = "redis")]
-    pub fn redis(store: sled_idempotency::RedisIdempotencyStore, clock: ManualClock) -> Driver {
-        let durability = store.durability();
-        Driver::fresh(
-            std::path::PathBuf::new(),
-            durability,
-            clock,
-            Some(Target::Redis(store)),
-        )
-    }
-
     async fn reopen(&mut self) -> Result<(), String> {
-        #[cfg(feature = "redis")]
-        if let Some(Target::Redis(_)) = self.store {
+        if self.store.as_ref().is_some_and(|s| E::sled(s).is_none()) {
             return Err("reopening a Redis store is not a model op".to_owned());
         }
         let store = SledIdempotencyStore::builder(&self.dir)
@@ -523,13 +486,13 @@ impl Driver {
             .open()
             .await
             .map_err(|e| format!("reopen failed: {e}"))?;
-        self.store = Some(Target::Sled(store));
+        self.store = Some(E::reopened(store).ok_or("reopening is a sled op")?);
         self.armed = 0;
         self.latched = false;
         Ok(())
     }
 
-    fn store(&self) -> Result<&Target, String> {
+    fn store(&self) -> Result<&Store<E>, String> {
         self.store
             .as_ref()
             .ok_or_else(|| "no open store".to_owned())
@@ -537,11 +500,7 @@ impl Driver {
 
     /// The store, for the ops only the sled engine has.
     fn sled(&self) -> Result<&SledIdempotencyStore, String> {
-        match self.store()? {
-            Target::Sled(store) => Ok(store),
-            #[cfg(feature = "redis")]
-            Target::Redis(_) => Err("a sled-only op on the Redis engine".to_owned()),
-        }
+        E::sled(self.store()?).ok_or_else(|| "a sled-only op on the Redis engine".to_owned())
     }
 
     /// The lease in `slot` (modulo the number of leases), if any.
@@ -1161,7 +1120,7 @@ pub async fn check(ops: &[Op], durability: Durability) -> Result<Vec<String>, St
 
 /// The first outcome where two drivers that ran the same ops (one with
 /// sweeps in between) disagree.
-pub fn same_outcomes(without: &Driver, with: &Driver) -> Result<(), String> {
+pub fn same_outcomes<E: Under>(without: &Driver<E>, with: &Driver<E>) -> Result<(), String> {
     let (a, b) = (&without.outcomes, &with.outcomes);
     match a.iter().zip(b).position(|(x, y)| x != y) {
         Some(i) => Err(format!(

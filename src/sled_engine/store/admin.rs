@@ -647,10 +647,9 @@ fn refuse_unless_empty(dest: &Path) -> Result<()> {
     if empty {
         Ok(())
     } else {
-        Err(Error::InvalidConfig(format!(
-            "{} exists and is not empty; the new database needs a fresh directory",
-            dest.display()
-        )))
+        Err(Error::DestinationNotEmpty {
+            path: dest.to_path_buf(),
+        })
     }
 }
 

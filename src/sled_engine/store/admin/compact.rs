@@ -46,9 +46,10 @@ pub struct Compacted {
 /// Where the new database is built, beside the one at `path`.
 pub(crate) fn compaction_dir(path: &Path) -> Result<PathBuf> {
     let path = std::fs::canonicalize(path).map_err(Error::io("finding the database"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::InvalidConfig(format!("{} has no directory name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| Error::InvalidPath {
+        path: path.clone(),
+        reason: "a database at the root of the file system cannot be compacted beside itself",
+    })?;
     let mut aside = name.to_os_string();
     aside.push(".compact");
     Ok(path.with_file_name(aside))
@@ -176,10 +177,9 @@ fn remove_leftover(aside: &Path) -> Result<()> {
             .next()
             .is_none();
     if !empty && require_database(aside).is_err() {
-        return Err(Error::InvalidConfig(format!(
-            "{} exists and is not a database left by an earlier compaction; move it away first",
-            aside.display()
-        )));
+        return Err(Error::DestinationNotEmpty {
+            path: aside.to_path_buf(),
+        });
     }
     std::fs::remove_dir_all(aside).map_err(Error::io("removing a leftover compaction directory"))
 }
