@@ -21,7 +21,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sled_idempotency::{ListFilter, MessageId, Record, SledIdempotencyStore};
+use sled_idempotency::admin::ListFilter;
+use sled_idempotency::{MessageId, Record, SledIdempotencyStore};
 
 type Reply = Result<Json<Value>, (StatusCode, String)>;
 

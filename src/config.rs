@@ -1,6 +1,6 @@
-//! Durability modes, defaults and the builder.
+//! Durability modes, defaults, and the settings both engines' builders
+//! share (`Common`).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,202 +63,64 @@ pub enum Durability {
     Periodic(Duration),
 }
 
-/// Configures and opens a [`SledIdempotencyStore`](crate::SledIdempotencyStore).
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), sled_idempotency::Error> {
-/// use sled_idempotency::{Durability, SledIdempotencyStore};
-/// use std::time::Duration;
-///
-/// let store = SledIdempotencyStore::builder("./dedup-db")
-///     .durability(Durability::Sync)
-///     .sweep_interval(Duration::from_secs(60))
-///     .open()
-///     .await?;
-/// store.close().await?;
-/// # Ok(()) }
-/// ```
+/// The settings both engines' builders have, with their defaults, checked
+/// alike: the core each builder holds.
 #[derive(Debug, Clone)]
-pub struct Builder {
-    pub(crate) path: PathBuf,
+pub(crate) struct Common {
     pub(crate) durability: Durability,
     pub(crate) default_ttl: Duration,
     pub(crate) done_retention: Option<Duration>,
     pub(crate) pending_retention: Duration,
-    pub(crate) durability_timeout: Duration,
-    pub(crate) sweep_interval: Duration,
-    pub(crate) sweep_batch: usize,
-    pub(crate) cache_capacity: u64,
     pub(crate) max_result_size: usize,
-    pub(crate) clock: Arc<dyn Clock>,
+    /// `None`: the engine's own clock (the system's on sled, the server's
+    /// on Redis).
+    pub(crate) clock: Option<Arc<dyn Clock>>,
 }
 
-impl Builder {
-    pub(crate) fn new(path: impl AsRef<Path>) -> Self {
-        Self {
-            path: path.as_ref().to_path_buf(),
+impl Default for Common {
+    fn default() -> Self {
+        Common {
             durability: DEFAULT_DURABILITY,
             default_ttl: DEFAULT_TTL,
             done_retention: None,
             pending_retention: DEFAULT_PENDING_RETENTION,
-            durability_timeout: DEFAULT_DURABILITY_TIMEOUT,
-            sweep_interval: DEFAULT_SWEEP_INTERVAL,
-            sweep_batch: DEFAULT_SWEEP_BATCH,
-            cache_capacity: DEFAULT_CACHE_CAPACITY,
             max_result_size: DEFAULT_MAX_RESULT_SIZE,
-            clock: Arc::new(SystemClock),
+            clock: None,
         }
     }
+}
 
-    /// When mutating calls return. Default [`DEFAULT_DURABILITY`].
-    #[must_use]
-    pub fn durability(mut self, durability: Durability) -> Self {
-        self.durability = durability;
-        self
-    }
-
-    /// Retention of a `Done` recorded for a key that had no claim. Default
-    /// [`DEFAULT_TTL`].
-    #[must_use]
-    pub fn default_ttl(mut self, ttl: Duration) -> Self {
-        self.default_ttl = ttl;
-        self
-    }
-
-    /// How long a `Done` record is kept, for every key. Unset by default: a
-    /// done record is kept for the ttl it was claimed with.
-    #[must_use]
-    pub fn done_retention(mut self, retention: Duration) -> Self {
-        self.done_retention = Some(retention);
-        self
-    }
-
-    /// How long an expired `Pending` stays remembered after its expiry
-    /// (attempt counting, expired leases, fingerprints). Default
-    /// [`DEFAULT_PENDING_RETENTION`]; zero forgets an expired claim at once.
-    #[must_use]
-    pub fn pending_retention(mut self, retention: Duration) -> Self {
-        self.pending_retention = retention;
-        self
-    }
-
-    /// Longest wait of a write for its flush (and of `close` for the final
-    /// flush). Default [`DEFAULT_DURABILITY_TIMEOUT`]; at most [`MAX_WAIT`].
-    #[must_use]
-    pub fn durability_timeout(mut self, timeout: Duration) -> Self {
-        self.durability_timeout = timeout;
-        self
-    }
-
-    /// Period of the background expiry sweeper. Default
-    /// [`DEFAULT_SWEEP_INTERVAL`]; at most [`MAX_WAIT`].
-    #[must_use]
-    pub fn sweep_interval(mut self, interval: Duration) -> Self {
-        self.sweep_interval = interval;
-        self
-    }
-
-    /// Records the sweeper inspects before pausing for other tasks. Default
-    /// [`DEFAULT_SWEEP_BATCH`].
-    #[must_use]
-    pub fn sweep_batch(mut self, batch: usize) -> Self {
-        self.sweep_batch = batch;
-        self
-    }
-
-    /// Size of sled's page cache in bytes. Default [`DEFAULT_CACHE_CAPACITY`].
-    #[must_use]
-    pub fn cache_capacity(mut self, bytes: u64) -> Self {
-        self.cache_capacity = bytes;
-        self
-    }
-
-    /// Largest result, in bytes, that `complete_with` may cache. Default
-    /// [`DEFAULT_MAX_RESULT_SIZE`]; at most [`MAX_RESULT_LIMIT`].
-    #[must_use]
-    pub fn max_result_size(mut self, bytes: usize) -> Self {
-        self.max_result_size = bytes;
-        self
-    }
-
-    /// The clock that decides expiry. Default [`SystemClock`]; tests inject a
-    /// [`ManualClock`](crate::ManualClock).
-    #[must_use]
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
-
-    /// Checks every setting; [`Builder::open`] calls it first.
+impl Common {
+    /// Checks the settings every engine checks alike.
     pub(crate) fn validate(&self) -> Result<()> {
-        validate_common(
-            self.durability,
-            self.default_ttl,
-            self.done_retention,
-            self.max_result_size,
-        )?;
-        if self.durability_timeout.is_zero() {
+        if millis(self.default_ttl) == 0 {
             return Err(Error::InvalidConfig(
-                "durability_timeout must be greater than zero".into(),
+                "default_ttl must be at least 1 ms".into(),
             ));
         }
-        // Durations the store adds to the monotonic clock must fit it.
-        let now = std::time::Instant::now();
-        for (name, d) in [
-            (
-                "durability_timeout",
-                self.durability_timeout.saturating_mul(2),
-            ),
-            ("sweep_interval", self.sweep_interval),
-        ] {
-            if d > MAX_WAIT || now.checked_add(d).is_none() {
-                return Err(Error::InvalidConfig(format!(
-                    "{name} {d:?} is too long; at most {MAX_WAIT:?} is supported"
-                )));
-            }
-        }
-        if self.sweep_interval.is_zero() {
+        if self.done_retention.is_some_and(|d| millis(d) == 0) {
             return Err(Error::InvalidConfig(
-                "sweep_interval must be greater than zero".into(),
+                "done_retention must be at least 1 ms".into(),
             ));
         }
-        if self.sweep_batch == 0 {
+        if self.max_result_size > MAX_RESULT_LIMIT {
+            return Err(Error::InvalidConfig(format!(
+                "max_result_size {} is over the largest supported, {MAX_RESULT_LIMIT} bytes",
+                self.max_result_size
+            )));
+        }
+        if let Durability::Periodic(period) = self.durability
+            && period.is_zero()
+        {
             return Err(Error::InvalidConfig(
-                "sweep_batch must be at least 1".into(),
+                "Durability::Periodic needs a period greater than zero".into(),
             ));
         }
         Ok(())
     }
-}
 
-/// The settings every engine's builder checks alike.
-pub(crate) fn validate_common(
-    durability: Durability,
-    default_ttl: Duration,
-    done_retention: Option<Duration>,
-    max_result_size: usize,
-) -> Result<()> {
-    if millis(default_ttl) == 0 {
-        return Err(Error::InvalidConfig(
-            "default_ttl must be at least 1 ms".into(),
-        ));
+    /// The clock given, or the system's.
+    pub(crate) fn clock_or_system(&self) -> Arc<dyn Clock> {
+        self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock))
     }
-    if done_retention.is_some_and(|d| millis(d) == 0) {
-        return Err(Error::InvalidConfig(
-            "done_retention must be at least 1 ms".into(),
-        ));
-    }
-    if max_result_size > MAX_RESULT_LIMIT {
-        return Err(Error::InvalidConfig(format!(
-            "max_result_size {max_result_size} is over the largest supported, {MAX_RESULT_LIMIT} bytes"
-        )));
-    }
-    if let Durability::Periodic(period) = durability
-        && period.is_zero()
-    {
-        return Err(Error::InvalidConfig(
-            "Durability::Periodic needs a period greater than zero".into(),
-        ));
-    }
-    Ok(())
 }

@@ -22,6 +22,21 @@ mod stats;
 mod store;
 mod sync;
 
+/// The admin API of a sled store ([`Store::admin`]): census, listings,
+/// verification, compaction and (feature `admin`) export and import, and
+/// what they report.
+pub mod admin {
+    pub use crate::sled_engine::store::admin::{
+        ATTEMPTS_BUCKETS, Admin, Census, CompactReport, IndexSize, ListFilter, OnProgress, Problem,
+        VerifyReport,
+    };
+    #[cfg(feature = "admin")]
+    pub use crate::sled_engine::store::admin::{
+        CompactStep, Compacted, EXPORT_SCHEMA, Exported, ImportReport, MAX_IMPORTED_TOKEN,
+        OnConflict, compact,
+    };
+}
+
 /// The Redis engine (feature `redis`): the same [`Store`] on a Redis
 /// server or cluster.
 #[cfg(feature = "redis")]
@@ -40,7 +55,7 @@ pub use crate::sled_engine::sweeper::SweepReport;
 pub use bus_core::{BusError, ClaimOutcome, IdempotencyStore, MessageId};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    Builder, DEFAULT_CACHE_CAPACITY, DEFAULT_DURABILITY, DEFAULT_DURABILITY_TIMEOUT,
+    DEFAULT_CACHE_CAPACITY, DEFAULT_DURABILITY, DEFAULT_DURABILITY_TIMEOUT,
     DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_SWEEP_BATCH,
     DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, Durability, MAX_WAIT,
 };
@@ -52,15 +67,7 @@ pub use namespace::DEFAULT_NAMESPACE;
 pub use record::{
     DecodeError, MAX_FINGERPRINT_LEN, MAX_RESULT_LIMIT, RECORD_VERSION, Record, State,
 };
-pub use sled_engine::store::admin::{
-    ATTEMPTS_BUCKETS, Admin, Census, CompactReport, IndexSize, ListFilter, OnProgress, Problem,
-    VerifyReport,
-};
-#[cfg(feature = "admin")]
-pub use sled_engine::store::admin::{
-    CompactStep, Compacted, EXPORT_SCHEMA, Exported, ImportReport, MAX_IMPORTED_TOKEN, OnConflict,
-    compact,
-};
+pub use sled_engine::builder::Builder;
 pub use sled_engine::store::{SledEngine, SledIdempotencyStore};
 pub use stats::Stats;
 pub use store::Store;

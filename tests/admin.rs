@@ -10,10 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Fixture, T0, TTL, TestResult, id};
-use sled_idempotency::{
-    ATTEMPTS_BUCKETS, ClaimResult, Error, ListFilter, MAX_IMPORTED_TOKEN, OnConflict,
-    SledIdempotencyStore, State,
-};
+use sled_idempotency::admin::{ATTEMPTS_BUCKETS, ListFilter, MAX_IMPORTED_TOKEN, OnConflict};
+use sled_idempotency::{ClaimResult, Error, SledIdempotencyStore, State};
 
 const RECORDS_TREE: &str = "sled-idempotency/records";
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{Fixture, TTL, TestResult, forget_expiry_index, id};
 use proptest::prelude::*;
-use sled_idempotency::ListFilter;
+use sled_idempotency::admin::ListFilter;
 use sled_idempotency::{Durability, SledIdempotencyStore, State};
 
 /// What the namespace stores, counted by reading every record: (pending,

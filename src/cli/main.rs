@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
+use sled_idempotency::admin::{
+    ATTEMPTS_BUCKETS, Admin, Census, CompactStep, ListFilter, OnConflict,
+};
 use sled_idempotency::{
-    ATTEMPTS_BUCKETS, Admin, Builder, Census, CompactStep, DEFAULT_NAMESPACE, Error, ListFilter,
-    MessageId, OnConflict, Record, SledIdempotencyStore, State,
+    Builder, DEFAULT_NAMESPACE, Error, MessageId, Record, SledIdempotencyStore, State,
 };
 
 mod open;
@@ -696,7 +698,7 @@ async fn compact(builder: Builder, db: &Path, json: bool) -> CliResult {
     let bar = Bar::records("copying");
     let walked = bar.base();
     let progress_pause = pause.clone();
-    let compacted = sled_idempotency::compact(
+    let compacted = sled_idempotency::admin::compact(
         builder,
         Some(std::sync::Arc::new(move |n| {
             walked.set(n);

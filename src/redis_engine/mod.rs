@@ -18,10 +18,7 @@ use redis::Value;
 
 use self::conn::{Conn, redis_error};
 use crate::clock::{Clock, millis};
-use crate::config::{
-    DEFAULT_DURABILITY, DEFAULT_MAX_RESULT_SIZE, DEFAULT_PENDING_RETENTION, DEFAULT_TTL,
-    Durability, validate_common,
-};
+use crate::config::{Common, Durability};
 use crate::engine::{Acquired, Engine, Finished, Ops};
 use crate::error::{Error, Result};
 use crate::lease::ClaimResult;
@@ -84,13 +81,8 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct RedisBuilder {
     url: String,
-    durability: Durability,
-    default_ttl: Duration,
-    done_retention: Option<Duration>,
-    pending_retention: Duration,
-    max_result_size: usize,
+    common: Common,
     response_timeout: Duration,
-    clock: Option<Arc<dyn Clock>>,
     #[cfg(feature = "redis-tls")]
     root_certificate: Option<Vec<u8>>,
 }
@@ -109,20 +101,21 @@ impl RedisBuilder {
     ///   as the server's own persistence (`appendfsync everysec`: the last
     ///   second) allows. The period is the server's, not the argument's.
     pub fn durability(mut self, durability: Durability) -> Self {
-        self.durability = durability;
+        self.common.durability = durability;
         self
     }
 
     /// Retention of a `mark_done` with no claim to take a ttl from.
     /// Default [`DEFAULT_TTL`](crate::DEFAULT_TTL).
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
-        self.default_ttl = ttl;
+        self.common.default_ttl = ttl;
         self
     }
 
-    /// How long done records are kept, instead of the claim's ttl.
+    /// How long done records are kept, instead of the claim's ttl. Unset
+    /// by default: a done record is kept for the ttl it was claimed with.
     pub fn done_retention(mut self, retention: Duration) -> Self {
-        self.done_retention = Some(retention);
+        self.common.done_retention = Some(retention);
         self
     }
 
@@ -130,7 +123,7 @@ impl RedisBuilder {
     /// attempt counter and lease checks). Default
     /// [`DEFAULT_PENDING_RETENTION`](crate::DEFAULT_PENDING_RETENTION).
     pub fn pending_retention(mut self, retention: Duration) -> Self {
-        self.pending_retention = retention;
+        self.common.pending_retention = retention;
         self
     }
 
@@ -138,7 +131,7 @@ impl RedisBuilder {
     /// [`DEFAULT_MAX_RESULT_SIZE`](crate::DEFAULT_MAX_RESULT_SIZE), at most
     /// [`MAX_RESULT_LIMIT`](crate::MAX_RESULT_LIMIT).
     pub fn max_result_size(mut self, bytes: usize) -> Self {
-        self.max_result_size = bytes;
+        self.common.max_result_size = bytes;
         self
     }
 
@@ -166,7 +159,7 @@ impl RedisBuilder {
     /// between the two never loses a record early. Tests use a
     /// [`ManualClock`](crate::ManualClock) and move it without sleeping.
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Some(Arc::new(clock));
+        self.common.clock = Some(Arc::new(clock));
         self
     }
 
@@ -187,18 +180,14 @@ impl RedisBuilder {
             }
             Ok(ms)
         };
-        validate_common(
-            self.durability,
-            self.default_ttl,
-            self.done_retention,
-            self.max_result_size,
-        )?;
-        let default_ttl_ms = bounded(self.default_ttl, "default_ttl")?;
-        let done_ms = self
+        let common = self.common;
+        common.validate()?;
+        let default_ttl_ms = bounded(common.default_ttl, "default_ttl")?;
+        let done_ms = common
             .done_retention
             .map(|d| bounded(d, "done_retention"))
             .transpose()?;
-        let pending_ms = bounded(self.pending_retention, "pending_retention")?;
+        let pending_ms = bounded(common.pending_retention, "pending_retention")?;
         let settings = conn::Settings {
             response_timeout: self.response_timeout,
             #[cfg(feature = "redis-tls")]
@@ -206,23 +195,23 @@ impl RedisBuilder {
         };
         let conn = Conn::open(&self.url, &settings).await?;
         conn.load_library().await?;
-        if self.durability == Durability::Sync {
+        if common.durability == Durability::Sync {
             conn.check_fsync_always().await?;
         }
         tracing::debug!(cluster = conn.is_cluster(), "Redis store opened");
         Ok(RedisEngine {
             shared: Arc::new(Shared {
                 conn,
-                clock: self.clock,
+                clock: common.clock,
                 default_ttl_arg: default_ttl_ms.to_string(),
                 done_arg: done_ms.map(|d| d.to_string()).unwrap_or_default(),
                 pending_arg: pending_ms.to_string(),
-                max_result_size: self.max_result_size,
-                durability: self.durability,
+                max_result_size: common.max_result_size,
+                durability: common.durability,
                 closed: AtomicBool::new(false),
             }),
             namespace: DEFAULT_NAMESPACE.into(),
-            counters: Arc::new(Counters::new(DEFAULT_NAMESPACE, self.durability)),
+            counters: Arc::new(Counters::new(DEFAULT_NAMESPACE, common.durability)),
         })
     }
 }
@@ -483,13 +472,8 @@ impl Store<RedisEngine> {
     pub fn builder(url: impl Into<String>) -> RedisBuilder {
         RedisBuilder {
             url: url.into(),
-            durability: DEFAULT_DURABILITY,
-            default_ttl: DEFAULT_TTL,
-            done_retention: None,
-            pending_retention: DEFAULT_PENDING_RETENTION,
-            max_result_size: DEFAULT_MAX_RESULT_SIZE,
+            common: Common::default(),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
-            clock: None,
             #[cfg(feature = "redis-tls")]
             root_certificate: None,
         }

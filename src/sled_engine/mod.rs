@@ -18,6 +18,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::error::Result;
 
+pub(crate) mod builder;
 pub(crate) mod expiry;
 pub(crate) mod flusher;
 pub(crate) mod keyspace;

@@ -14,7 +14,7 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock, RwLockReadGuard, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, millis};
-use crate::config::{Builder, Durability};
+use crate::config::Durability;
 use crate::count::Count;
 use crate::engine::{Acquired, Engine, Finished, Ops};
 use crate::error::{Error, Result};
@@ -23,6 +23,7 @@ use crate::machine::{self, Claim, Complete, Done, Holder, Release, Retention};
 use crate::namespace::{Space, validate_namespace};
 use crate::record::{Record, State};
 use crate::sled_engine::Open;
+use crate::sled_engine::builder::Builder;
 use crate::sled_engine::expiry::{Completeness, Counts, Expiries};
 use crate::sled_engine::flusher::{Flusher, Syncer};
 use crate::sled_engine::keyspace::{cas, decode_at, key_bytes, next_token, remove};
@@ -141,16 +142,8 @@ enum Step<T> {
     Remove(T),
 }
 
-impl Builder {
-    /// Validates the settings and opens the store.
-    pub async fn open(self) -> Result<SledIdempotencyStore> {
-        self.validate()?;
-        SledEngine::open_with(self).await.map(Store::new)
-    }
-}
-
 impl SledEngine {
-    async fn open_with(b: Builder) -> Result<Self> {
+    pub(crate) async fn open_with(b: Builder) -> Result<Self> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::NoRuntime);
         }
@@ -166,7 +159,11 @@ impl SledEngine {
             // is still being flushed and released on a background thread.
             wait_until_released(&b.path, b.durability_timeout + LOCK_RELEASE_WAIT);
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                open_db(&b.path, b.cache_capacity, millis(b.pending_retention))
+                open_db(
+                    &b.path,
+                    b.cache_capacity,
+                    millis(b.common.pending_retention),
+                )
             }))
         };
         let opened = match tokio::runtime::Handle::current().runtime_flavor() {
@@ -200,7 +197,7 @@ impl SledEngine {
         let indexed = expiries.completeness();
         let flusher = Flusher::start(
             Syncer::new(db.clone(), log, expiries.clone()),
-            b.durability,
+            b.common.durability,
             b.durability_timeout,
         )?;
         // Counts stored by a clean close are exact; a namespace they do not
@@ -215,7 +212,7 @@ impl SledEngine {
         let spaces: Vec<Arc<Space>> = names
             .iter()
             .enumerate()
-            .map(|(index, name)| Space::new(index, name, b.durability, stored_in(name)))
+            .map(|(index, name)| Space::new(index, name, b.common.durability, stored_in(name)))
             .collect();
         let default = spaces[0].clone();
         let (stop, stop_rx) = watch::channel(false);
@@ -230,13 +227,13 @@ impl SledEngine {
                 expiries,
             }))),
             spaces: Arc::new(Mutex::new(spaces)),
-            clock: b.clock,
+            clock: b.common.clock_or_system(),
             retention: Retention {
-                done_ms: b.done_retention.map(millis),
-                default_ttl_ms: millis(b.default_ttl),
-                pending_ms: millis(b.pending_retention),
+                done_ms: b.common.done_retention.map(millis),
+                default_ttl_ms: millis(b.common.default_ttl),
+                pending_ms: millis(b.common.pending_retention),
             },
-            max_result_size: b.max_result_size,
+            max_result_size: b.common.max_result_size,
             sweep_batch: b.sweep_batch,
             sweep_interval: b.sweep_interval,
             removed_tokens: Arc::new(AtomicU64::new(0)),
@@ -248,7 +245,7 @@ impl SledEngine {
             released_by_drop: AtomicBool::new(false),
             closed: watch::channel(None).0,
             format_found,
-            durability: b.durability,
+            durability: b.common.durability,
             indexed,
             pressure: Arc::default(),
         });

@@ -43,7 +43,7 @@ pub type OnProgress = Arc<dyn Fn(u64) + Send + Sync>;
 const PROGRESS_EVERY: u64 = 4096;
 
 /// The admin operations of one store handle; from
-/// [`SledEngine::admin`]. Those that read records
+/// [`Store::admin`](crate::Store::admin). Those that read records
 /// ([`census`](Self::census), [`list`](Self::list),
 /// `export`) act on the handle's namespace; those that check or
 /// rewrite the database ([`verify`](Self::verify), [`sweep`](Self::sweep),
@@ -335,7 +335,7 @@ impl Admin<'_> {
     /// A page of the namespace's records in key order that pass `filter`.
     /// Corrupted values are skipped (and logged). A listing of pending
     /// records only reads the store's index of pending keys (see
-    /// [`SledEngine::list`]).
+    /// [`Store::list`](crate::Store::list)).
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<(MessageId, Record)>> {
         let now = self.store.inner.clock.now_millis();
         let filter = filter.clone();
@@ -466,7 +466,7 @@ impl Admin<'_> {
 
     /// Removes every forgotten record of every namespace now, in batches
     /// (the background sweeper's code), reporting progress in records
-    /// examined. Unlike [`SledEngine::sweep_expired`] it does
+    /// examined. Unlike [`Store::sweep_expired`](crate::Store::sweep_expired) it does
     /// not pause between batches: an operator asked for it.
     pub async fn sweep(&self) -> Result<SweepReport> {
         self.store.sweep_all(self.progress.as_ref(), false).await

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{CompactReport, OnProgress, dir_size};
-use crate::config::Builder;
 use crate::error::{Error, Result};
+use crate::sled_engine::builder::Builder;
 use crate::sled_engine::open::{sync_parent, wait_for_lock_release};
 
 /// The steps of [`compact`], reported in this order as each is reached.
