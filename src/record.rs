@@ -131,6 +131,7 @@ fn decode_exact<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Decode
 
 /// Why a stored value could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The value has no bytes at all.
     #[error("the value is empty")]

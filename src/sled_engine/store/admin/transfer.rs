@@ -49,6 +49,7 @@ pub const MAX_IMPORTED_TOKEN: u64 = 1 << 62;
 /// record. A stored record identical to the imported one is never a
 /// conflict.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnConflict {
     /// Refuse the whole import before writing anything.
     #[default]
@@ -64,6 +65,7 @@ pub enum OnConflict {
 
 /// What [`Admin::export`] wrote.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Exported<W> {
     /// The writer, flushed.
     pub out: W,
