@@ -42,7 +42,7 @@ pub enum Finished {
 
 /// The engine a [`Store`](crate::Store) keeps its records in:
 /// [`SledEngine`](crate::SledEngine) or, with the feature `redis`,
-/// [`RedisEngine`](crate::redis::RedisEngine). Sealed: the operations
+/// `redis::RedisEngine`. Sealed: the operations
 /// behind it are the crate's own.
 pub trait Engine: Ops + Clone + std::fmt::Debug + Send + Sync + 'static {}
 

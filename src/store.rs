@@ -19,7 +19,7 @@ use crate::record::Record;
 /// A handle on one namespace of an idempotency store, generic over the
 /// engine that keeps its records: [`SledIdempotencyStore`](crate::SledIdempotencyStore)
 /// (`Store<SledEngine>`, embedded) or, with the feature `redis`,
-/// [`RedisIdempotencyStore`](crate::redis::RedisIdempotencyStore)
+/// `RedisIdempotencyStore`
 /// (`Store<RedisEngine>`). Both offer the operations below with the same
 /// meaning, and implement [`IdempotencyStore`](bus_core::IdempotencyStore).
 ///
