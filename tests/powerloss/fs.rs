@@ -952,6 +952,16 @@ impl PowerLossFs {
         Ok(())
     }
 
+    /// Does a descriptor of this process point into the mount?
+    fn open_here(&self) -> bool {
+        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+            return false;
+        };
+        fds.flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|target| target.starts_with(&self.mountpoint))
+    }
+
     fn detach(&mut self) -> io::Result<()> {
         if let Some(session) = self.session.take() {
             // No child of this process may be between fork and exec (with
@@ -959,6 +969,13 @@ impl PowerLossFs {
             let _no_fork = crate::harness::SPAWNING
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            // A file of this mount another thread of this process closes
+            // right now holds the mount until its release is through: wait
+            // (bounded) until no descriptor of the process points into it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while self.open_here() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             match session.umount_and_join() {
                 // The unmount worked; the serving thread's last read of
                 // /dev/fuse may see the connection aborted rather than
