@@ -182,6 +182,31 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A done record replayed by [`Store::once`](crate::Store::once) holds
+    /// no cached result: it was completed without one (`mark_done`,
+    /// `complete`, or a result that could not be serialized or was over
+    /// `max_result_size`).
+    #[error(
+        "the record for key {key} is done but holds no cached result to replay; \
+         it was completed without one (mark_done, complete, or a result over max_result_size)"
+    )]
+    NoCachedResult {
+        /// The key.
+        key: String,
+    },
+
+    /// A done record replayed by [`Store::once`](crate::Store::once) holds a
+    /// cached result that does not deserialize into the caller's type.
+    #[error(
+        "the result cached for key {key} does not deserialize into the handler's type: {reason}"
+    )]
+    UndecodableResult {
+        /// The key.
+        key: String,
+        /// What the deserializer said.
+        reason: String,
+    },
+
     /// A payload fingerprint longer than the store keeps.
     #[error("the fingerprint is {len} bytes; at most {max} are allowed (hash the payload first)")]
     FingerprintTooLong {

@@ -171,6 +171,24 @@ pub(crate) async fn abandon<E: Engine>(engine: &E, lease: &Lease) -> Result<()> 
     Ok(())
 }
 
+/// Gives the leased claim back the way a crashed worker would, but at
+/// once: the record expires now and stays remembered, so the next claim
+/// takes it over as attempt `n + 1` (an [`abandon`] would erase the count,
+/// and a handler that fails or panics every time would never reach a
+/// maximum of attempts). An extension to `now`, on both engines.
+#[cfg(feature = "handlers")]
+pub(crate) async fn give_back<E: Engine>(engine: &E, lease: &Lease) -> Result<()> {
+    leased(
+        engine,
+        lease,
+        engine.extend(&lease.key, lease.token, Duration::ZERO, 0),
+    )
+    .await?;
+    bump(engine, Count::Releases);
+    tracing::debug!(key = %lease.key, namespace = engine.namespace(), token = lease.token, "given back");
+    Ok(())
+}
+
 pub(crate) async fn extend<E: Engine>(engine: &E, lease: &Lease, ttl: Duration) -> Result<Lease> {
     let ttl_ms = ttl_ms(ttl)?;
     let expires_at = leased(

@@ -9,6 +9,8 @@ mod count;
 mod engine;
 mod error;
 mod front;
+#[cfg(feature = "handlers")]
+pub mod handler;
 mod lease;
 mod machine;
 #[cfg(feature = "metrics")]
