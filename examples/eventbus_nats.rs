@@ -10,6 +10,14 @@
 //! cargo run --example eventbus_nats -- nats://127.0.0.1:4222 [DB-DIR]
 //! ```
 //!
+//! Here the bus itself speaks to the store through the `IdempotencyStore`
+//! trait: `try_claim` before the handler, `mark_done` after it, `release`
+//! on an error. A handler that needs more than that — a fencing token for
+//! its downstream writes, a heartbeat while it runs long, its result cached
+//! for duplicates, errors recorded as final — calls `Store::once` itself,
+//! keyed by the delivery's `msg_id`, as [`OnceHandled`] shows (compiled,
+//! not run here: register it with a bus built without `.idempotency`).
+//!
 //! It exits with status 1 if any handler ran other than once.
 //! `tests/eventbus_nats.rs` runs it against a `nats-server` it starts.
 
@@ -24,7 +32,8 @@ use bus_core::{EventHandler, HandlerCtx, HandlerError, MessageId};
 use eventbus_nats::prelude::Event;
 use eventbus_nats::{EventBus, EventBusBuilder, SubscribeOptions};
 use serde::{Deserialize, Serialize};
-use sled_idempotency::SledIdempotencyStore;
+use sled_idempotency::handler::Outcome;
+use sled_idempotency::{Lease, SledIdempotencyStore};
 use tokio::sync::watch;
 
 /// The event: `id` becomes the `Nats-Msg-Id`, which the consumer claims.
@@ -72,6 +81,49 @@ impl EventHandler<OrderPlaced> for Handled {
         }
         self.total.send_modify(|n| *n += 1);
         Ok(())
+    }
+}
+
+/// The handler calling `Store::once` itself, keyed by the delivery's
+/// message id: a permanent error is recorded as final (a redelivery gets
+/// it again without running the handler), a transient one gives the claim
+/// back and goes to the bus, which redelivers.
+pub struct OnceHandled {
+    /// The store; the bus is built without `.idempotency` for this handler.
+    pub store: SledIdempotencyStore,
+}
+
+#[async_trait]
+impl EventHandler<OrderPlaced> for OnceHandled {
+    async fn handle(&self, ctx: HandlerCtx, event: OrderPlaced) -> Result<(), HandlerError> {
+        let charge = |lease: Lease| async move {
+            if event.order == 0 {
+                return Err(HandlerError::Permanent("order 0 does not exist".into()));
+            }
+            // lease.token() goes with every downstream write as a fencing
+            // token; the receipt is cached for redeliveries.
+            Ok(format!(
+                "order {} charged, token {}",
+                event.order,
+                lease.token()
+            ))
+        };
+        let is_final = |e: &HandlerError| matches!(e, HandlerError::Permanent(_));
+        let outcome = self
+            .store
+            .once(&ctx.msg_id, Duration::from_secs(30))
+            .run_rejecting(charge, is_final)
+            .await
+            .map_err(|e| HandlerError::Transient(e.to_string()))?;
+        match outcome {
+            Outcome::Ran(_) | Outcome::Replayed(_) => Ok(()),
+            Outcome::Rejected(error) => Err(error),
+            Outcome::WasRejected { reason } => Err(HandlerError::Permanent(reason)),
+            Outcome::Failed { error, .. } => Err(error),
+            other => Err(HandlerError::Transient(format!(
+                "not handled here: {other:?}"
+            ))),
+        }
     }
 }
 

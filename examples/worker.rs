@@ -3,7 +3,8 @@
 //!
 //! A broker delivers 2,000 messages with duplicates (some redelivered while
 //! the first delivery is still being handled), and handlers sometimes fail
-//! and `abandon` their claim for a retry. The worker's first life runs in a
+//! and give their claim back for a retry. Each delivery is one call,
+//! `Store::once`. The worker's first life runs in a
 //! child process, which the example kills with SIGKILL in mid-stream: claims
 //! in flight, handlers half done, nothing closed or flushed by hand. Its
 //! second life reopens the database and the broker, which never saw most
@@ -28,7 +29,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use sled_idempotency::{ClaimResult, MessageId, SledIdempotencyStore};
+use sled_idempotency::handler::Outcome;
+use sled_idempotency::{Lease, MessageId, SledIdempotencyStore};
 use tokio::sync::Mutex;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -159,6 +161,14 @@ fn stream(run: u64) -> (Vec<MessageId>, VecDeque<MessageId>, HashSet<MessageId>)
     (messages, deliveries.into(), failing)
 }
 
+/// Why a handler failed: a simulated, retryable failure, or the ledger
+/// itself (which ends the example).
+#[derive(Debug)]
+enum Failure {
+    Simulated,
+    Ledger(std::io::Error),
+}
+
 struct Worker {
     store: SledIdempotencyStore,
     broker: Broker,
@@ -174,36 +184,48 @@ impl Worker {
         self.failing.lock().is_ok_and(|mut set| set.remove(id))
     }
 
-    /// One delivery: claim, run the handler, complete or abandon.
+    /// One delivery, through `Store::once`: the handler runs only if the
+    /// message is new (or its last attempt failed or died), and the outcome
+    /// says whether to acknowledge it.
     async fn handle(&self, id: MessageId) -> Result<(), BoxError> {
-        let lease = match self.store.claim(&id, CLAIM_TTL).await? {
-            ClaimResult::Acquired(lease) => lease,
-            ClaimResult::Done { .. } | ClaimResult::Conflict { done: true } => {
-                self.counters.suppressed_done.fetch_add(1, Relaxed); // ack, skip
-                return Ok(());
+        let handler = |lease: Lease| async move {
+            if self.fails_once(lease.key()) {
+                return Err(Failure::Simulated);
             }
-            ClaimResult::InProgress { .. } | ClaimResult::Conflict { .. } => {
+            // Attempt 2 or later: a crash interrupted an earlier attempt,
+            // which may have applied the effect before it died.
+            if lease.attempt() > 1 && self.ledger.applied(lease.key()).map_err(Failure::Ledger)? {
+                self.counters.recovered.fetch_add(1, Relaxed);
+            } else {
+                self.counters.executions.fetch_add(1, Relaxed);
+                self.ledger.apply(lease.key()).map_err(Failure::Ledger)?;
+            }
+            Ok(())
+        };
+        match self.store.once(&id, CLAIM_TTL).run(handler).await? {
+            Outcome::Ran(()) => {} // ack
+            Outcome::Replayed(()) => {
+                self.counters.suppressed_done.fetch_add(1, Relaxed); // ack, skip
+            }
+            Outcome::InProgress { .. } | Outcome::LeaseLost { .. } => {
                 self.counters.suppressed_pending.fetch_add(1, Relaxed);
                 tokio::time::sleep(Duration::from_millis(20)).await; // nack with delay
                 self.broker.redeliver(id).await;
-                return Ok(());
             }
-        };
-        if self.fails_once(&id) {
-            self.counters.failures.fetch_add(1, Relaxed);
-            self.store.abandon(&lease).await?;
-            self.broker.redeliver(id).await;
-            return Ok(());
+            Outcome::Failed {
+                error: Failure::Simulated,
+                ..
+            } => {
+                // The claim was given back: the redelivery retries.
+                self.counters.failures.fetch_add(1, Relaxed);
+                self.broker.redeliver(id).await;
+            }
+            Outcome::Failed {
+                error: Failure::Ledger(error),
+                ..
+            } => return Err(error.into()),
+            other => return Err(format!("unexpected outcome {other:?}").into()),
         }
-        // Attempt 2 or later: a crash interrupted an earlier attempt, which
-        // may have applied the effect before it died.
-        if lease.attempt() > 1 && self.ledger.applied(&id)? {
-            self.counters.recovered.fetch_add(1, Relaxed);
-        } else {
-            self.counters.executions.fetch_add(1, Relaxed);
-            self.ledger.apply(&id)?;
-        }
-        self.store.complete(&lease).await?;
         Ok(())
     }
 
@@ -351,7 +373,7 @@ async fn run() -> Result<bool, BoxError> {
         c.recovered.load(Relaxed)
     );
     println!(
-        "  handler failures (abandoned)  {:>6}  (second life)",
+        "  handler failures (given back) {:>6}  (second life)",
         c.failures.load(Relaxed)
     );
     println!(
