@@ -209,6 +209,7 @@ impl<E: Engine> Store<E> {
             key,
             ttl,
             fingerprint: None,
+            retention: None,
             heartbeat: Some(Heartbeat::every_third(ttl)),
             max_attempts: None,
             wait: None,
@@ -225,6 +226,7 @@ pub struct Once<'a, E: Engine> {
     key: &'a MessageId,
     ttl: Duration,
     fingerprint: Option<&'a [u8]>,
+    retention: Option<Duration>,
     heartbeat: Option<Heartbeat>,
     max_attempts: Option<u32>,
     wait: Option<Duration>,
@@ -237,6 +239,7 @@ impl<E: Engine> fmt::Debug for Once<'_, E> {
             .field("key", self.key)
             .field("ttl", &self.ttl)
             .field("fingerprint", &self.fingerprint)
+            .field("retention", &self.retention)
             .field("heartbeat", &self.heartbeat)
             .field("max_attempts", &self.max_attempts)
             .field("wait", &self.wait)
@@ -286,6 +289,18 @@ impl<'a, E: Engine> Once<'a, E> {
     /// [`Outcome::Conflict`]. None by default.
     pub fn fingerprint(mut self, fingerprint: &'a [u8]) -> Self {
         self.fingerprint = Some(fingerprint);
+        self
+    }
+
+    /// Keeps the outcome (the cached value, a final error) for `retention`
+    /// after completion, instead of for the claim's ttl (or the store's
+    /// `done_retention`, which wins when set): the claim is made for
+    /// `retention`, so that its record carries it, and its lease at once
+    /// cut back to the claim's ttl by an extension, one more write. A
+    /// worker that dies between the two leaves the key claimed for
+    /// `retention`. At least the claim's ttl.
+    pub fn keep_result_for(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
         self
     }
 
@@ -387,11 +402,38 @@ impl<'a, E: Engine> Once<'a, E> {
                 beat.ttl, beat.every
             )));
         }
+        if let Some(retention) = self.retention
+            && retention < self.ttl
+        {
+            return Err(Error::InvalidConfig(format!(
+                "keep_result_for({retention:?}) is shorter than the claim's ttl ({:?})",
+                self.ttl
+            )));
+        }
         let lease = match self.acquire().await? {
             Ok(lease) => lease,
             Err(found) => return found,
         };
         let store = self.store;
+        let lease = match self.retention {
+            None => lease,
+            Some(_) => {
+                // Dropped meanwhile, the claim is given back.
+                let mut guard = GiveBack {
+                    store,
+                    lease: Some(lease.clone()),
+                };
+                let cut = store.extend(&lease, self.ttl).await;
+                guard.lease = None;
+                match cut {
+                    Ok(cut) => cut,
+                    Err(error) => {
+                        let _ = front::give_back(&store.engine, &lease).await;
+                        return Err(error);
+                    }
+                }
+            }
+        };
         let earlier = lease.attempt.saturating_sub(1);
         if let Some(max) = self.max_attempts
             && earlier >= max
@@ -435,13 +477,14 @@ impl<'a, E: Engine> Once<'a, E> {
     {
         let deadline = self.wait.map(|up_to| Instant::now() + up_to);
         loop {
+            let ttl = self.retention.unwrap_or(self.ttl);
             let found = match self.fingerprint {
                 Some(fingerprint) => {
                     self.store
-                        .claim_with_fingerprint(self.key, self.ttl, fingerprint)
+                        .claim_with_fingerprint(self.key, ttl, fingerprint)
                         .await?
                 }
-                None => self.store.claim(self.key, self.ttl).await?,
+                None => self.store.claim(self.key, ttl).await?,
             };
             let outcome = match found {
                 ClaimResult::Acquired(lease) => return Ok(Ok(lease)),

@@ -576,6 +576,52 @@ async fn a_useless_heartbeat_is_refused<E: Engine>(s: &Store<E>, _: &ManualClock
     Ok(())
 }
 
+/// `keep_result_for`: the lease runs for the claim's ttl while the
+/// handler runs, and the outcome is kept for the retention.
+async fn a_result_is_kept_for_its_retention<E: Engine>(
+    s: &Store<E>,
+    clock: &ManualClock,
+) -> TestResult {
+    let day = Duration::from_secs(86_400);
+    let key = id(21);
+    let (store, k, now) = (s.clone(), key.clone(), clock.now());
+    let handler = move |lease: Lease| async move {
+        let record = store.get(&k).await.expect("read").expect("claimed");
+        assert_eq!(
+            record.expires_at,
+            now + 30_000,
+            "the lease is the claim's ttl"
+        );
+        assert_eq!(lease.expires_at(), now + 30_000);
+        Ok::<u8, String>(1)
+    };
+    let ran = s.once(&key, TTL).keep_result_for(day).run(handler).await?;
+    assert!(matches!(ran, Outcome::Ran(1)), "{ran:?}");
+    let record = s.get(&key).await?.expect("done");
+    assert_eq!(
+        record.expires_at,
+        now + 86_400_000,
+        "kept for the retention"
+    );
+    clock.advance(day - Duration::from_secs(1));
+    let again = s
+        .once(&key, TTL)
+        .run(|_: Lease| async { Ok::<u8, String>(9) })
+        .await?;
+    assert!(
+        matches!(again, Outcome::Replayed(1)),
+        "still kept: {again:?}"
+    );
+    let err = s
+        .once(&id(22), TTL)
+        .keep_result_for(Duration::from_secs(1))
+        .run(token_of(&Runs::default()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+    Ok(())
+}
+
 macro_rules! contracts {
     ($($contract:ident),* $(,)?) => {
         mod sled_engine {
@@ -632,6 +678,7 @@ contracts!(
     a_lost_lease_records_nothing,
     sixty_four_callers_run_the_handler_once,
     a_useless_heartbeat_is_refused,
+    a_result_is_kept_for_its_retention,
 );
 
 /// A value over `max_result_size` still completes the key (running the
