@@ -72,8 +72,8 @@
 //! self-describing, so a value cached by another version of the type fails
 //! to decode with a clear error instead of decoding as something else, and
 //! readable with the command-line tool's `show` and in exports. It is kept
-//! in the done record, within the store's `max_result_size` (64 KiB by
-//! default); a value that does not fit (or does not serialize) is logged and
+//! in the done record, within the store's `max_result_size` (4 KiB by
+//! default, 6 KiB at most: results are receipts, not documents); a value that does not fit (or does not serialize) is logged and
 //! the key completed without one, since running the handler again would
 //! repeat its effects.
 

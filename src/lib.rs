@@ -11,6 +11,8 @@ mod error;
 mod front;
 #[cfg(feature = "handlers")]
 pub mod handler;
+#[cfg(feature = "http")]
+pub mod http;
 mod lease;
 mod machine;
 #[cfg(feature = "metrics")]
