@@ -120,13 +120,18 @@ async fn echo(State(app): State<Endpoints>, body: Bytes) -> Response {
 /// The application: keys scoped by the `Authorization` header; `/strict`
 /// requires a key; small limits so that large bodies are quick to make.
 fn app<E: Engine>(store: Store<E>, endpoints: Endpoints) -> Router {
+    app_with(store, endpoints, sled_idempotency::http::DEFAULT_LEASE_TTL)
+}
+
+fn app_with<E: Engine>(store: Store<E>, endpoints: Endpoints, lease_ttl: Duration) -> Router {
     let scope = |request: &axum::http::request::Parts| {
         let who = request.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
         Some(who.to_owned())
     };
     let layer = IdempotencyLayer::scoped(store, scope)
         .max_request_body(64 * 1024)
-        .max_response_body(8 * 1024);
+        .max_response_body(8 * 1024)
+        .lease_ttl(lease_ttl);
     let routes = Router::new()
         .route("/payments", post(pay).get(|| async { "a list" }))
         .route("/slow", post(slow))
@@ -590,6 +595,46 @@ contracts!(
     large_and_streaming_bodies,
     a_dropped_request_gives_its_key_back,
 );
+
+/// A request that runs for four lease ttls keeps its key by the
+/// heartbeat: retries get 409 all along, and the endpoint runs once. The
+/// store's clock is a manual one; the test waits for each beat's effect on
+/// the record (sled's admin listing), not for a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_keeps_its_key_by_the_heartbeat() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let clock = sled_idempotency::ManualClock::new(common::T0);
+    let store = SledIdempotencyStore::builder(dir.path().join("db"))
+        .clock(clock.clone())
+        .open()
+        .await?;
+    let endpoints = Endpoints::new();
+    let lease = Duration::from_millis(300);
+    let addr = serve(app_with(store.clone(), endpoints.clone(), lease)).await?;
+    let first = tokio::spawn(post_with(addr, "/slow", "alice", "k-slow", "{}"));
+    eventually("the request runs", || endpoints.runs() == 1).await;
+    let pending = sled_idempotency::admin::ListFilter::new(10);
+    for _ in 0..6 {
+        clock.advance(Duration::from_millis(200));
+        let due = clock.now() + 300;
+        let started = Instant::now();
+        loop {
+            let records = store.admin().list(&pending).await?;
+            if records.iter().any(|(_, r)| r.expires_at >= due) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "no heartbeat");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let retry = post_with(addr, "/slow", "alice", "k-slow", "{}").await?;
+        assert!(retry.is_problem(409), "{retry:?}");
+    }
+    endpoints.gate.add_permits(100);
+    assert_eq!(first.await??.status, StatusCode::CREATED);
+    assert_eq!(endpoints.runs(), 1);
+    store.close().await?;
+    Ok(())
+}
 
 // ---- a server killed and restarted ---------------------------------------
 
