@@ -210,7 +210,7 @@ impl<E: Engine> Store<E> {
             ttl,
             fingerprint: None,
             retention: None,
-            heartbeat: Some(Heartbeat::every_third(ttl)),
+            heartbeat: Heartbeat::every_third(ttl),
             max_attempts: None,
             wait: None,
             poll_interval: DEFAULT_POLL_INTERVAL,
@@ -255,11 +255,10 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn every_third(ttl: Duration) -> Self {
-        Heartbeat {
-            every: (ttl / 3).max(Duration::from_millis(1)),
-            ttl,
-        }
+    /// The default: every third of the ttl, none for a ttl under 3 ms.
+    fn every_third(ttl: Duration) -> Option<Self> {
+        let every = ttl / 3;
+        (every >= Duration::from_millis(1)).then_some(Heartbeat { every, ttl })
     }
 
     /// Extends the lease every `every` by `ttl` until an extension fails
@@ -272,8 +271,15 @@ impl Heartbeat {
             tokio::time::sleep(self.every).await;
             match store.extend(&lease, self.ttl).await {
                 Ok(extended) => lease = extended,
+                // Failures that the next beat would meet again.
                 Err(
-                    error @ (Error::LeaseLost { .. } | Error::Closed | Error::PreviousIo { .. }),
+                    error @ (Error::LeaseLost { .. }
+                    | Error::Closed
+                    | Error::PreviousIo { .. }
+                    | Error::TtlTooShort { .. }
+                    | Error::TtlOverflow { .. }
+                    | Error::ClockOutOfRange { .. }
+                    | Error::InvalidConfig(_)),
                 ) => return error,
                 Err(error) => {
                     tracing::warn!(key = %lease.key, token = lease.token, %error, "lease heartbeat failed; trying again");
@@ -306,7 +312,9 @@ impl<'a, E: Engine> Once<'a, E> {
 
     /// Extends the lease to `now + ttl` every `every` while the handler
     /// runs. By default every third of the claim's ttl, by the claim's
-    /// ttl. `every` must be at least 1 ms and shorter than `ttl`.
+    /// ttl (none for a ttl under 3 ms). `every` must be at least 1 ms and
+    /// shorter than `ttl`, or the run fails with
+    /// [`Error::InvalidConfig`] before claiming anything.
     pub fn heartbeat(mut self, every: Duration, ttl: Duration) -> Self {
         self.heartbeat = Some(Heartbeat { every, ttl });
         self
@@ -339,9 +347,9 @@ impl<'a, E: Engine> Once<'a, E> {
     }
 
     /// How often [`wait`](Self::wait) claims again;
-    /// [`DEFAULT_POLL_INTERVAL`] by default.
+    /// [`DEFAULT_POLL_INTERVAL`] by default, at least 1 ms.
     pub fn poll_interval(mut self, every: Duration) -> Self {
-        self.poll_interval = every;
+        self.poll_interval = every.max(Duration::from_millis(1));
         self
     }
 
@@ -394,7 +402,7 @@ impl<'a, E: Engine> Once<'a, E> {
         Fut: Future<Output = std::result::Result<T, Er>>,
     {
         if let Some(beat) = self.heartbeat
-            && (beat.every.is_zero() || beat.every >= beat.ttl)
+            && (beat.every < Duration::from_millis(1) || beat.every >= beat.ttl)
         {
             return Err(Error::InvalidConfig(format!(
                 "the heartbeat must beat at least every millisecond and more often than \
@@ -415,40 +423,23 @@ impl<'a, E: Engine> Once<'a, E> {
             Err(found) => return found,
         };
         let store = self.store;
-        let lease = match self.retention {
-            None => lease,
-            Some(_) => {
-                // Dropped meanwhile, the claim is given back.
-                let mut guard = GiveBack {
-                    store,
-                    lease: Some(lease.clone()),
-                };
-                let cut = store.extend(&lease, self.ttl).await;
-                guard.lease = None;
-                match cut {
-                    Ok(cut) => cut,
-                    Err(error) => {
-                        let _ = front::give_back(&store.engine, &lease).await;
-                        return Err(error);
-                    }
-                }
-            }
+        // From here until the outcome is recorded, a drop gives the claim
+        // back (armed in the poll that received the lease).
+        let mut guard = GiveBack {
+            store,
+            lease: Some(lease.clone()),
         };
         let earlier = lease.attempt.saturating_sub(1);
         if let Some(max) = self.max_attempts
             && earlier >= max
         {
-            record(store, &lease, &Cached::<()>::Poisoned(earlier)).await?;
+            let poisoned = encode(&Cached::<()>::Poisoned(earlier), store, &lease);
+            finish(store, &lease, poisoned).await?;
+            guard.lease = None;
             tracing::warn!(key = %lease.key, attempts = earlier, "poisoned: not running the handler again");
             return Ok(Outcome::Poisoned { attempts: earlier });
         }
 
-        // From here until the outcome is recorded, a drop gives the claim
-        // back.
-        let mut guard = GiveBack {
-            store,
-            lease: Some(lease.clone()),
-        };
         let ran = self.run_handler(handler, &lease).await;
         let (returned, lost) = match ran {
             Ran::Returned(returned, lost) => (returned, lost),
@@ -476,16 +467,22 @@ impl<'a, E: Engine> Once<'a, E> {
         T: DeserializeOwned,
     {
         let deadline = self.wait.map(|up_to| Instant::now() + up_to);
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         loop {
-            let ttl = self.retention.unwrap_or(self.ttl);
-            let found = match self.fingerprint {
-                Some(fingerprint) => {
-                    self.store
-                        .claim_with_fingerprint(self.key, ttl, fingerprint)
-                        .await?
-                }
-                None => self.store.claim(self.key, ttl).await?,
-            };
+            // The claim runs on its own task, so that a run dropped while
+            // its claim is being written (or its lease cut back) cannot
+            // leave a claim nobody holds: the task gives it back when
+            // nobody is left to take the lease.
+            let (answer, found) = tokio::sync::oneshot::channel();
+            runtime.spawn(claim_detached(
+                self.store.clone(),
+                self.key.clone(),
+                self.retention.unwrap_or(self.ttl),
+                self.retention.map(|_| self.ttl),
+                self.fingerprint.map(<[u8]>::to_vec),
+                answer,
+            ));
+            let found = found.await.map_err(|_| Error::Closed)??;
             let outcome = match found {
                 ClaimResult::Acquired(lease) => return Ok(Ok(lease)),
                 ClaimResult::Done { result } => replay(self.key, result),
@@ -561,15 +558,21 @@ impl<'a, E: Engine> Once<'a, E> {
         T: Serialize,
     {
         let store = self.store;
-        let (written, rejected) = match &returned {
-            Ok(value) => (record(store, lease, &Cached::Ok(value)).await, false),
+        // Encoded before any wait, so that the run's future holds no
+        // borrow of the value across one (and is `Send` for any `T: Send`).
+        let (complete, rejected) = match &returned {
+            Ok(value) => (Some(encode(&Cached::Ok(value), store, lease)), false),
             Err(error) => match reject(error) {
                 Some(reason) => (
-                    record(store, lease, &Cached::<()>::Rejected(reason)).await,
+                    Some(encode(&Cached::<()>::Rejected(reason), store, lease)),
                     true,
                 ),
-                None => (front::give_back(&store.engine, lease).await, false),
+                None => (None, false),
             },
+        };
+        let written = match complete {
+            Some(result) => finish(store, lease, result).await,
+            None => front::give_back(&store.engine, lease).await,
         };
         match written {
             Ok(()) => Ok(match returned {
@@ -586,6 +589,42 @@ impl<'a, E: Engine> Once<'a, E> {
     }
 }
 
+/// Claims `key` for `ttl` and, when `cut` is given (`keep_result_for`),
+/// cuts the lease back to it; sends what it found. A lease nobody is left
+/// to receive (the run was dropped meanwhile) is given back here.
+async fn claim_detached<E: Engine>(
+    store: Store<E>,
+    key: MessageId,
+    ttl: Duration,
+    cut: Option<Duration>,
+    fingerprint: Option<Vec<u8>>,
+    answer: tokio::sync::oneshot::Sender<Result<ClaimResult>>,
+) {
+    let found = match &fingerprint {
+        Some(fingerprint) => store.claim_with_fingerprint(&key, ttl, fingerprint).await,
+        None => store.claim(&key, ttl).await,
+    };
+    let found = match (found, cut) {
+        (Ok(ClaimResult::Acquired(lease)), Some(lease_ttl)) => {
+            match store.extend(&lease, lease_ttl).await {
+                Ok(cut) => Ok(ClaimResult::Acquired(cut)),
+                Err(error) => {
+                    if let Err(error) = front::give_back(&store.engine, &lease).await {
+                        tracing::warn!(key = %lease.key, token = lease.token, %error, "could not give back a claim whose lease could not be cut back");
+                    }
+                    Err(error)
+                }
+            }
+        }
+        (found, _) => found,
+    };
+    if let Err(Ok(ClaimResult::Acquired(lease))) = answer.send(found)
+        && let Err(error) = front::give_back(&store.engine, &lease).await
+    {
+        tracing::warn!(key = %lease.key, token = lease.token, %error, "could not give back the claim of a run dropped while it claimed");
+    }
+}
+
 /// How the handler ended: it returned (and whether the heartbeat found the
 /// lease lost meanwhile), or it panicked.
 enum Ran<T, Er> {
@@ -593,24 +632,33 @@ enum Ran<T, Er> {
     Panicked(Box<dyn std::any::Any + Send>),
 }
 
-/// Completes the leased key with `cached` as its result; one that does not
-/// serialize or does not fit is logged and the key completed without it.
-async fn record<E: Engine, T: Serialize>(
+/// `cached` as the done record's result, or `None` (logged) when it does
+/// not serialize or does not fit the store's `max_result_size`: the key is
+/// then completed without one.
+fn encode<E: Engine, T: Serialize>(
+    cached: &Cached<T>,
     store: &Store<E>,
     lease: &Lease,
-    cached: &Cached<T>,
-) -> Result<()> {
+) -> Option<Vec<u8>> {
     let limit = store.engine.max_result_size();
     match serde_json::to_vec(cached) {
-        Ok(bytes) if bytes.len() <= limit => store.complete_with(lease, &bytes).await,
+        Ok(bytes) if bytes.len() <= limit => Some(bytes),
         Ok(bytes) => {
-            tracing::warn!(key = %lease.key, size = bytes.len(), limit, "the handler's result is over max_result_size: completed without caching it");
-            store.complete(lease).await
+            tracing::warn!(key = %lease.key, size = bytes.len(), limit, "the handler's result is over max_result_size: completing without caching it");
+            None
         }
         Err(error) => {
-            tracing::error!(key = %lease.key, %error, "the handler's result does not serialize: completed without caching it");
-            store.complete(lease).await
+            tracing::error!(key = %lease.key, %error, "the handler's result does not serialize: completing without caching it");
+            None
         }
+    }
+}
+
+/// Completes the leased key, with `result` cached when there is one.
+async fn finish<E: Engine>(store: &Store<E>, lease: &Lease, result: Option<Vec<u8>>) -> Result<()> {
+    match result {
+        Some(result) => store.complete_with(lease, &result).await,
+        None => store.complete(lease).await,
     }
 }
 

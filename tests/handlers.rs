@@ -571,8 +571,28 @@ async fn a_useless_heartbeat_is_refused<E: Engine>(s: &Store<E>, _: &ManualClock
             .unwrap_err();
         assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
     }
+    let err = s
+        .once(&id(19), TTL)
+        .heartbeat(Duration::from_micros(200), Duration::from_micros(500))
+        .run(token_of(&runs))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig(_)), "under 1 ms: {err}");
     assert_eq!(runs.count(), 0);
     assert!(s.get_record(&id(19)).await?.is_none(), "nothing claimed");
+    // The default heartbeat never refuses a ttl: none under 3 ms, and a
+    // zero ttl is the claim's own error.
+    let ran = s
+        .once(&id(23), Duration::from_millis(1))
+        .run(token_of(&runs))
+        .await?;
+    assert!(matches!(ran, Outcome::Ran(_)), "{ran:?}");
+    let err = s
+        .once(&id(24), Duration::ZERO)
+        .run(token_of(&runs))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TtlTooShort { .. }), "{err}");
     Ok(())
 }
 
@@ -619,6 +639,83 @@ async fn a_result_is_kept_for_its_retention<E: Engine>(
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+    Ok(())
+}
+
+/// Polls a future `n` times (while it is pending), then drops it: a
+/// cancellation at its n-th await point.
+struct DropAfter<F> {
+    inner: Option<std::pin::Pin<Box<F>>>,
+    left: usize,
+}
+
+impl<F: Future> Future for DropAfter<F> {
+    type Output = bool;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<bool> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(false);
+        };
+        if inner.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(true);
+        }
+        self.left -= 1;
+        if self.left == 0 {
+            self.inner = None;
+            return std::task::Poll::Ready(false);
+        }
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+/// A run dropped at any await point — while its claim is written, while
+/// its lease is cut back (`keep_result_for`), while the handler runs —
+/// leaves no claim behind: a redelivery soon runs the handler. (Before the
+/// claim ran on its own task, a drop during the claim's write left the key
+/// held for the whole ttl, or the whole retention.)
+async fn a_run_dropped_at_any_await_leaves_no_claim<E: Engine>(
+    s: &Store<E>,
+    _: &ManualClock,
+) -> TestResult {
+    let mut n = 100;
+    for retention in [None, Some(Duration::from_secs(86_400))] {
+        for polls in 1..=6 {
+            n += 1;
+            let key = id(n);
+            let once = s.once(&key, TTL);
+            let once = match retention {
+                Some(retention) => once.keep_result_for(retention),
+                None => once,
+            };
+            let run = once.run(|_: Lease| std::future::pending::<Result<u8, String>>());
+            let finished = DropAfter {
+                inner: Some(Box::pin(run)),
+                left: polls,
+            }
+            .await;
+            assert!(!finished);
+            let started = Instant::now();
+            loop {
+                let again = s
+                    .once(&key, TTL)
+                    .run(|_: Lease| async { Ok::<u8, String>(1) })
+                    .await?;
+                match again {
+                    Outcome::Ran(1) => break,
+                    Outcome::InProgress { .. } => {}
+                    other => panic!("dropped after {polls} polls: {other:?}"),
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "dropped after {polls} polls ({retention:?}): the key stays claimed"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -679,7 +776,29 @@ contracts!(
     sixty_four_callers_run_the_handler_once,
     a_useless_heartbeat_is_refused,
     a_result_is_kept_for_its_retention,
+    a_run_dropped_at_any_await_leaves_no_claim,
 );
+
+/// A run is `Send` whenever the handler's future, value and error are, so
+/// that it can be spawned: the value is serialized before any wait, never
+/// borrowed across one (a value that is not `Sync` once made the run's
+/// future not `Send`).
+#[tokio::test]
+async fn a_run_can_be_spawned_with_a_value_that_is_not_sync() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SledIdempotencyStore::open(dir.path().join("db")).await?;
+    let spawned = store.clone();
+    let ran = tokio::spawn(async move {
+        spawned
+            .once(&id(30), TTL)
+            .run(|_: Lease| async { Ok::<_, String>(std::cell::Cell::new(7_u32)) })
+            .await
+    })
+    .await??;
+    assert!(matches!(ran, Outcome::Ran(ref v) if v.get() == 7));
+    store.close().await?;
+    Ok(())
+}
 
 /// A value over `max_result_size` still completes the key (running the
 /// handler again would repeat its effects); a duplicate then gets a clear
