@@ -36,6 +36,7 @@
 //! | a malformed or over-long key (over [`MAX_KEY_LEN`] bytes) | **400** |
 //! | a body over [`max_request_body`](IdempotencyLayer::max_request_body) | **413** |
 //! | a request the scope function finds no principal for | **400** |
+//! | a request body with trailers (they could not be fingerprinted) | **400** |
 //! | the store failing (an I/O error, a closed store) | **503** |
 //!
 //! The layer's own answers carry a problem-details body (RFC 9457,
@@ -44,7 +45,11 @@
 //! untouched.
 //!
 //! **Scope.** The store key is a SHA-256 hash of the scope, the method, the
-//! path and the `Idempotency-Key`. The scope is who is asking (an
+//! path and the `Idempotency-Key`. The path is the one the layer sees:
+//! inside axum's `Router::nest` the prefix is already stripped, so put the
+//! layer on the outer router, or give nested routers layers on different
+//! namespaces of the store ([`Store::namespace`](crate::Store::namespace)),
+//! or routes under two prefixes share keys. The scope is who is asking (an
 //! authenticated user, a tenant, an API key), derived from the request by a
 //! function given first, to [`IdempotencyLayer::scoped`]. Without a scope,
 //! two clients that pick the same key would be served each other's
@@ -64,7 +69,8 @@
 //! make its effects idempotent with the lease's fencing token, and a
 //! transient failure is retried), 408, 409, 425 and 429 (try again later),
 //! a response whose body is over [`max_response_body`](IdempotencyLayer::max_response_body)
-//! (it is streamed to the client, not buffered), and one that does not fit
+//! (it is streamed to the client, not buffered), a response with trailers,
+//! and one that does not fit
 //! the store's `max_result_size` (4 KiB by default, 6 KiB at most, with its
 //! status and headers: the layer is for endpoints that answer with a
 //! receipt — an id, a status, a location — not with documents). Headers are replayed except those that
@@ -72,6 +78,11 @@
 //! `Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`, `Proxy-*`,
 //! `Content-Length`, recomputed, `Date`) and `Set-Cookie`, which would hand
 //! one session's cookie to a replay.
+//!
+//! **Bodies.** The layer wraps a service whose request body type can be
+//! made from [`Bytes`] (axum's `Body`, `Full<Bytes>`): it reads the body
+//! to fingerprint it and hands the inner service the same bytes. A plain
+//! hyper service on `Incoming` needs a body conversion in front of it.
 //!
 //! **While it runs** the claim's lease is extended by a heartbeat, and the
 //! lease is put in the request's extensions, so the endpoint can read its
@@ -322,11 +333,11 @@ enum NotCached<Er> {
 #[derive(Serialize, Deserialize)]
 struct Cached {
     status: u16,
-    headers: Vec<(String, String)>,
+    headers: Vec<(String, CachedBody)>,
     body: CachedBody,
 }
 
-/// A body as JSON can hold it: text as it is, anything else as hex.
+/// Bytes as JSON can hold them: text as it is, anything else as hex.
 #[derive(Serialize, Deserialize)]
 enum CachedBody {
     #[serde(rename = "text")]
@@ -386,6 +397,13 @@ impl<E: Engine> Settings<E> {
                          fingerprints for its Idempotency-Key",
                         self.max_request_body
                     ),
+                ));
+            }
+            Buffered::Trailers(_) => {
+                return Ok(problem(
+                    StatusCode::BAD_REQUEST,
+                    "a request with an Idempotency-Key cannot carry trailers: \
+                     they would not be part of its fingerprint",
                 ));
             }
             Buffered::Broken(error) => {
@@ -458,6 +476,17 @@ impl<E: Engine> Settings<E> {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the response recorded for this Idempotency-Key cannot be replayed",
             )),
+            Err(
+                error @ (Error::InvalidConfig(_)
+                | Error::TtlTooShort { .. }
+                | Error::TtlOverflow { .. }),
+            ) => {
+                tracing::error!(%error, "the idempotency layer is misconfigured");
+                Ok(problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the idempotency layer is misconfigured",
+                ))
+            }
             Err(error) => {
                 tracing::error!(%error, "the idempotency store failed");
                 Ok(problem(
@@ -604,7 +633,7 @@ where
     }
     let body = match buffer(body, buffer_limit).await {
         Buffered::Whole(body) => body,
-        Buffered::Over(streamed) => {
+        Buffered::Over(streamed) | Buffered::Trailers(streamed) => {
             return Err(NotCached::Response(Response::from_parts(
                 parts,
                 streamed.boxed_unsync(),
@@ -618,54 +647,69 @@ where
             )));
         }
     };
-    let headers: Option<Vec<(String, String)>> = parts
-        .headers
-        .iter()
-        .filter(|(name, _)| replayed_header(name))
-        .map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
-        .collect();
-    let cached = headers.map(|headers| Cached {
+    let cached = Cached {
         status: parts.status.as_u16(),
-        headers,
-        body: match std::str::from_utf8(&body) {
-            Ok(text) => CachedBody::Text(text.to_owned()),
-            Err(_) => CachedBody::Hex(hex::encode(&body)),
-        },
-    });
+        headers: parts
+            .headers
+            .iter()
+            .filter(|(name, _)| replayed_header(name))
+            .map(|(name, value)| (name.as_str().to_owned(), CachedBody::of(value.as_bytes())))
+            .collect(),
+        body: CachedBody::of(&body),
+    };
     // The handler layer wraps the value in `{"ok":…}`: 7 bytes.
     let fits = |cached: &Cached| {
         serde_json::to_vec(cached).is_ok_and(|json| json.len() + 7 <= store_limit)
     };
     let response = Response::from_parts(parts, full(body));
-    match cached {
-        Some(cached) if fits(&cached) => Ok((cached, response)),
-        _ => Err(NotCached::Response(response)),
+    if fits(&cached) {
+        Ok((cached, response))
+    } else {
+        Err(NotCached::Response(response))
+    }
+}
+
+impl CachedBody {
+    fn of(bytes: &[u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => CachedBody::Text(text.to_owned()),
+            Err(_) => CachedBody::Hex(hex::encode(bytes)),
+        }
+    }
+
+    fn bytes(self) -> Option<Bytes> {
+        match self {
+            CachedBody::Text(text) => Some(Bytes::from(text)),
+            CachedBody::Hex(hex) => hex::decode(hex).ok().map(Bytes::from),
+        }
     }
 }
 
 /// A cached response as the client gets it, marked when it is a replay.
 fn replay(cached: Cached, replayed: bool) -> Response<ResponseBody> {
-    let body = match cached.body {
-        CachedBody::Text(text) => Bytes::from(text),
-        CachedBody::Hex(hex) => match hex::decode(hex) {
-            Ok(bytes) => Bytes::from(bytes),
-            Err(_) => {
-                return problem(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the response recorded for this Idempotency-Key cannot be replayed",
-                );
-            }
-        },
+    let unreadable = || {
+        problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the response recorded for this Idempotency-Key cannot be replayed",
+        )
+    };
+    let Some(body) = cached.body.bytes() else {
+        return unreadable();
     };
     let mut response = Response::new(full(body));
-    *response.status_mut() = StatusCode::from_u16(cached.status).unwrap_or(StatusCode::OK);
+    let Ok(status) = StatusCode::from_u16(cached.status) else {
+        return unreadable();
+    };
+    *response.status_mut() = status;
     let headers = response.headers_mut();
-    for (name, value) in &cached.headers {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.append(name, value);
+    for (name, value) in cached.headers {
+        let name = HeaderName::from_bytes(name.as_bytes());
+        let value = value.bytes().map(HeaderValue::from_maybe_shared);
+        match (name, value) {
+            (Ok(name), Some(Ok(value))) => {
+                headers.append(name, value);
+            }
+            _ => return unreadable(),
         }
     }
     if replayed {
@@ -702,9 +746,10 @@ fn problem(status: StatusCode, detail: &str) -> Response<ResponseBody> {
 enum Buffered<B> {
     /// All of it.
     Whole(Bytes),
-    /// Over the limit, or with trailers: what was read and the rest, as
-    /// one body again.
+    /// Over the limit: what was read and the rest, as one body again.
     Over(Prefixed<B>),
+    /// With trailers, which the layer does not keep: likewise.
+    Trailers(Prefixed<B>),
     /// Reading it failed.
     Broken(BoxError),
 }
@@ -731,7 +776,7 @@ where
             }
             Err(trailers) => {
                 let frames = VecDeque::from([Frame::data(data.freeze()), trailers]);
-                return Buffered::Over(Prefixed { frames, rest: body });
+                return Buffered::Trailers(Prefixed { frames, rest: body });
             }
         }
     }

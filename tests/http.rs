@@ -117,6 +117,18 @@ async fn echo(State(app): State<Endpoints>, body: Bytes) -> Response {
     ([("x-run", run.to_string())], body).into_response()
 }
 
+/// A receipt: a header value that is not ASCII (a UTF-8 file name, as
+/// RFC 8187 clients send it raw) and a body that is not UTF-8.
+async fn receipt(State(app): State<Endpoints>) -> Response {
+    let run = app.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    let disposition =
+        axum::http::HeaderValue::from_bytes("attachment; filename=\"reçu.pdf\"".as_bytes())
+            .expect("a valid header value");
+    let mut body = vec![0xff, 0xfe, 0x00];
+    body.extend_from_slice(run.to_string().as_bytes());
+    ([(header::CONTENT_DISPOSITION, disposition)], body).into_response()
+}
+
 /// The application: keys scoped by the `Authorization` header; `/strict`
 /// requires a key; small limits so that large bodies are quick to make.
 fn app<E: Engine>(store: Store<E>, endpoints: Endpoints) -> Router {
@@ -138,6 +150,7 @@ fn app_with<E: Engine>(store: Store<E>, endpoints: Endpoints, lease_ttl: Duratio
         .route("/flaky", post(flaky))
         .route("/big", post(big))
         .route("/echo", post(echo))
+        .route("/receipt", post(receipt))
         .layer(layer.clone());
     let strict = Router::new()
         .route("/strict", post(pay))
@@ -549,6 +562,54 @@ async fn a_dropped_request_gives_its_key_back<E: Engine>(store: Store<E>) -> Tes
     Ok(())
 }
 
+/// A header value that is not ASCII and a body that is not UTF-8 are
+/// cached and replayed byte for byte (a header that did not convert to
+/// text once made the response uncached and the retry run again); a
+/// request body with trailers is refused, since they would escape its
+/// fingerprint.
+async fn odd_bytes_replay_and_request_trailers_are_refused<E: Engine>(
+    store: Store<E>,
+) -> TestResult {
+    let endpoints = Endpoints::new();
+    let service = app(store, endpoints.clone());
+    let addr = serve(service.clone()).await?;
+    let first = post_with(addr, "/receipt", "alice", "k-11", "{}").await?;
+    assert_eq!(first.status, StatusCode::OK);
+    let retry = post_with(addr, "/receipt", "alice", "k-11", "{}").await?;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(
+        retry.headers[header::CONTENT_DISPOSITION].as_bytes(),
+        "attachment; filename=\"reçu.pdf\"".as_bytes()
+    );
+    assert_eq!(endpoints.runs(), 1);
+
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", axum::http::HeaderValue::from_static("abc"));
+    let frames = vec![
+        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"{}"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    // In process: hyper's HTTP/1 client sends no trailers unasked.
+    let request = axum::http::Request::post("/payments")
+        .header("authorization", "alice")
+        .header("idempotency-key", "k-12")
+        .body(Body::new(StreamBody::new(futures_util::stream::iter(
+            frames,
+        ))))?;
+    let response = service.oneshot(request).await?;
+    let (parts, body) = response.into_parts();
+    let with_trailers = Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await?.to_bytes(),
+    };
+    assert!(with_trailers.is_problem(400), "{with_trailers:?}");
+    assert!(with_trailers.text().contains("trailers"));
+    assert_eq!(endpoints.runs(), 1);
+    Ok(())
+}
+
 macro_rules! contracts {
     ($($contract:ident),* $(,)?) => {
         mod sled_engine {
@@ -594,6 +655,7 @@ contracts!(
     a_server_error_is_given_back,
     large_and_streaming_bodies,
     a_dropped_request_gives_its_key_back,
+    odd_bytes_replay_and_request_trailers_are_refused,
 );
 
 /// A request that runs for four lease ttls keeps its key by the
