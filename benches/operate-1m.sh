@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The command-line tool on a database of 1,000,000 records: import (from a
 # generated JSON Lines file), stats, list --min-attempts 3, verify, export,
-# sweep and compact, each timed. The figures in README ("Operating it") and
+# sweep and compact, each timed. The figures in docs/operating.md and
 # BENCHMARKS.md come from this script:
 #
 #   cargo build --release --features cli && bash benches/operate-1m.sh [DIR]

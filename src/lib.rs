@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -10,8 +11,10 @@ mod engine;
 mod error;
 mod front;
 #[cfg(feature = "handlers")]
+#[cfg_attr(docsrs, doc(cfg(feature = "handlers")))]
 pub mod handler;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 mod lease;
 mod machine;
@@ -35,6 +38,7 @@ pub mod admin {
         VerifyReport,
     };
     #[cfg(feature = "admin")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
     pub use crate::sled_engine::store::admin::{
         CompactStep, Compacted, EXPORT_SCHEMA, Exported, ImportReport, MAX_IMPORTED_TOKEN,
         OnConflict, compact,
@@ -44,6 +48,7 @@ pub mod admin {
 /// The Redis engine (feature `redis`): the same [`Store`] on a Redis
 /// server or cluster.
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis {
     pub use crate::error::RedisError;
     pub use crate::redis_engine::{
@@ -53,6 +58,7 @@ pub mod redis {
 }
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::redis_engine::RedisIdempotencyStore;
 pub use crate::sled_engine::open::FORMAT_VERSION;
 pub use crate::sled_engine::sweeper::SweepReport;
@@ -75,3 +81,22 @@ pub use sled_engine::builder::Builder;
 pub use sled_engine::store::{SledEngine, SledIdempotencyStore};
 pub use stats::Stats;
 pub use store::Store;
+
+// The chapters of docs/ are not part of the API docs; these items exist only
+// so that `cargo test --doc` compiles and runs their examples, as it does the
+// README's.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/semantics.md")]
+pub struct SemanticsDoc;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/durability.md")]
+pub struct DurabilityDoc;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/redis.md")]
+pub struct RedisDoc;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/operating.md")]
+pub struct OperatingDoc;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/performance.md")]
+pub struct PerformanceDoc;

@@ -2,7 +2,7 @@
 //!
 //! Pure functions, no I/O. The store runs them inside a compare-and-swap
 //! loop; the tests' reference model runs the very same functions, so the
-//! table (README, "Semantics") lives in exactly one place:
+//! table (docs/semantics.md, "Semantics") lives in exactly one place:
 //!
 //! One rule decides what an operation sees, and it does not depend on when
 //! the sweeper runs: a record is **remembered** while it is live, and an

@@ -32,7 +32,7 @@ pub struct Stats {
     pub swept: u64,
     /// Claims made to wait before they were acknowledged because the
     /// sweeper had fallen more than two sweep intervals behind
-    /// (back-pressure: see "The sweeper" in the README).
+    /// (back-pressure: see "The sweeper" in docs/durability.md).
     pub claims_slowed: u64,
     /// Pending records stored now, live or expired and not swept yet. Kept
     /// up to date by every write, not counted by a scan: `stats` reads no

@@ -1,4 +1,4 @@
-//! Every bad input listed in the README's "Errors" is a clear error, never a panic, and leaves
+//! Every bad input listed in the "Errors" of docs/semantics.md is a clear error, never a panic, and leaves
 //! stored data intact.
 
 mod common;

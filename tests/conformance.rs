@@ -125,7 +125,7 @@ fn raw_del(url: &str, cluster: bool, name: &str) -> redis::RedisResult<i64> {
 
 /// Whether the sweeper may remove `record` at `now` under the default
 /// retention: a `Done` once expired, a `Pending` once `pending_retention`
-/// past its expiry (the README's "Semantics").
+/// past its expiry (docs/semantics.md, "Semantics").
 fn forgotten(record: &Record, now: u64) -> bool {
     let pending_ms = DEFAULT_PENDING_RETENTION.as_millis() as u64;
     now >= match record.state {

@@ -6,7 +6,7 @@
 //! prints every operation it is about to attempt (`intent`) and every one the
 //! store acknowledged (`ack`), each tagged with its task. The parent kills it
 //! with SIGKILL at a random moment (seeded; the seed is printed), reopens the
-//! database and checks every acknowledged operation against the README's "Durability":
+//! database and checks every acknowledged operation against docs/durability.md:
 //!
 //! - `Sync` and `Flush`: nothing acknowledged is lost. A claimed lease is
 //!   still pending or later, a completed one is done, an abandoned one is

@@ -2,7 +2,7 @@
 //! the example's scenario (every event republished past JetStream's
 //! duplicate window and across a consumer restart, each handled exactly
 //! once), and what the consumer does with the store's other answers, which
-//! the README documents:
+//! docs/operating.md documents:
 //!
 //! - on `AlreadyPending` it runs the handler anyway, at once, and then
 //!   marks the key done under the other holder's claim;

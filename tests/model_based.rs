@@ -1,6 +1,6 @@
 //! Model-based testing: random sequences of operations (claims, completions,
 //! releases, lease operations, clock moves, sweeps, close and drop with
-//! reopen) applied to the store and to an in-memory model of the README's "Semantics",
+//! reopen) applied to the store and to an in-memory model of the "Semantics" of docs/semantics.md,
 //! compared after every step.
 //!
 //! `PROPTEST_CASES` sets the number of sequences (CI runs the default here,

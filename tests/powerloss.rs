@@ -23,7 +23,7 @@
 //!   database that no longer opens are counted, not failures.
 //! - Every mode: no fencing token is acknowledged for two claims (checked
 //!   over all cuts of one database, the reopen's probe claims included).
-//! - An `fsync` failing with EIO latches the store (README, "After an I/O failure"): the write that
+//! - An `fsync` failing with EIO latches the store (docs/durability.md, "After an I/O failure"): the write that
 //!   waited on it fails, every later mutating call fails at once with one
 //!   error, `close()` returns it, and what was acknowledged before is there
 //!   after a cut.
@@ -393,7 +393,7 @@ async fn mutating_calls_after_the_failure(
             Err(_) => violations.push(format!("{name} after the failure hung for 5 s")),
             Ok(Ok(())) => violations.push(format!(
                 "{name} after the failure was acknowledged; the store must refuse every \
-                 mutating call until it is reopened (README, After an I/O failure)"
+                 mutating call until it is reopened (docs/durability.md, After an I/O failure)"
             )),
             Ok(Err(e)) => {
                 let d = std::mem::discriminant(&e);
@@ -461,7 +461,7 @@ fn check_after_cut(
     })?
 }
 
-/// README "After an I/O failure" end to end: the next fdatasync of the log fails with EIO, only
+/// docs/durability.md, "After an I/O failure", end to end: the next fdatasync of the log fails with EIO, only
 /// that one (the disk recovers, which is when a store that does not latch
 /// acknowledges writes on top of the hole the failed pages left).
 fn eio_latches_the_store(durability: Durability) -> TestResult {

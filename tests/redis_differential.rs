@@ -1,7 +1,7 @@
 //! The differential property for the Redis engine: random operation
 //! sequences (claims with and without fingerprints, `try_claim`,
 //! completions with results, releases, abandons, extensions, clock moves)
-//! applied to a real `redis-server` and to the in-memory model of the README's "Semantics"
+//! applied to a real `redis-server` and to the in-memory model of the "Semantics" of docs/semantics.md
 //! (`tests/model`, written from the table, not from `machine.rs`), compared
 //! after every step: every answer, and every key's stored record.
 //!

@@ -1,4 +1,4 @@
-//! Every cell of the semantics table (README, "Semantics"; `src/machine.rs`):
+//! Every cell of the semantics table (docs/semantics.md, "Semantics"; `src/machine.rs`):
 //! claim, done and release against an absent key, a live or expired `Pending`, and a live or expired `Done`,
 //! including expired records the sweeper has not removed yet.
 

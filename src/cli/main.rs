@@ -107,7 +107,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Writes the records as JSON Lines (schema version 1; see the README).
+    /// Writes the records as JSON Lines (schema version 1; see docs/operating.md).
     Export {
         /// The database directory.
         db: PathBuf,

@@ -1,7 +1,7 @@
 //! The expiry index: where the sweeper finds forgotten records without
 //! reading every record.
 //!
-//! A separate index insert per claim would cost what the README's design
+//! A separate index insert per claim would cost what the design's
 //! measurements found (two inserts per claim ran at ≈ 0.2–0.3× of one).
 //! Instead, every write of a record leaves an in-memory *note* (namespace,
 //! key, the instant a sweep must look at the record), and the notes

@@ -1,5 +1,5 @@
-//! A tiny in-memory model of the store, written straight from the README's "Semantics"
-//! table (it does not reuse the crate's state machine, so a mistake there
+//! A tiny in-memory model of the store, written straight from the "Semantics"
+//! table of docs/semantics.md (it does not reuse the crate's state machine, so a mistake there
 //! shows up as a divergence), and a driver that applies one sequence of
 //! [`Op`]s to the model and to a real store, comparing after every step.
 //!
@@ -191,7 +191,7 @@ impl Model {
         self.records.get(&key).filter(|r| self.now < r.expires_at)
     }
 
-    /// README, "Semantics": a record counts while it is live; an expired claim counts
+    /// docs/semantics.md, "Semantics": a record counts while it is live; an expired claim counts
     /// for the pending retention after its expiry. Anything else is as if
     /// absent, swept or not.
     fn remembered(&self, key: u8) -> Option<&MRecord> {
@@ -604,7 +604,7 @@ impl<E: Under> Driver<E> {
     /// refused with `PreviousIo` and change nothing; reads go on. While an
     /// injected failure waits, the op whose flush meets it must be refused,
     /// and its key is then either as before the op or as after it (its
-    /// fate is unknown, README "After an I/O failure"); an op that meets it and answers `Ok`
+    /// fate is unknown, docs/durability.md, "After an I/O failure"); an op that meets it and answers `Ok`
     /// acknowledged a write whose flush failed.
     pub async fn step(&mut self, op: &Op) -> Result<(), String> {
         let before = (self.model.clone(), self.tokens.len(), self.outcomes.len());
@@ -1132,7 +1132,7 @@ pub fn same_outcomes<E: Under>(without: &Driver<E>, with: &Driver<E>) -> Result<
     }
 }
 
-/// README, "Semantics": no outcome depends on when the sweeper runs. Runs `ops`
+/// docs/semantics.md, "Semantics": no outcome depends on when the sweeper runs. Runs `ops`
 /// without any sweep and again with a sweep before every op and at the
 /// end, each checked against the model, and requires the same outcomes.
 pub async fn check_sweep_independence(ops: &[Op], durability: Durability) -> Result<(), String> {
