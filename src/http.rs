@@ -1,4 +1,4 @@
-//! An HTTP `Idempotency-Key` layer (feature `http`): a [tower] layer that
+//! An HTTP `Idempotency-Key` layer (feature `http`): a [tower](https://docs.rs/tower) layer that
 //! makes a non-idempotent endpoint safe to retry, on either engine, built
 //! on [`Store::once`](crate::Store::once).
 //!

@@ -100,3 +100,6 @@ pub struct OperatingDoc;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/performance.md")]
 pub struct PerformanceDoc;
+#[cfg(all(doctest, feature = "http"))]
+#[doc = include_str!("../docs/http.md")]
+pub struct HttpDoc;
