@@ -444,10 +444,10 @@ impl<'a, E: Engine> Once<'a, E> {
         let (returned, lost) = match ran {
             Ran::Returned(returned, lost) => (returned, lost),
             Ran::Panicked(panic) => {
-                guard.lease = None;
                 if let Err(error) = front::give_back(&store.engine, &lease).await {
                     tracing::warn!(key = %lease.key, token = lease.token, %error, "could not give back the claim of a handler that panicked");
                 }
+                guard.lease = None;
                 resume_unwind(panic)
             }
         };
