@@ -1,8 +1,11 @@
 //! The state machine: what each operation does to a record at a given time.
 //!
-//! Pure functions, no I/O. The store runs them inside a compare-and-swap
-//! loop; the tests' reference model runs the very same functions, so the
-//! table (docs/semantics.md, "Semantics") lives in exactly one place:
+//! Pure functions, no I/O. The sled engine runs them inside a
+//! compare-and-swap loop (the Redis engine's functions apply the same
+//! rules on the server). The tests' reference model (`tests/model/`) is
+//! written apart from them, straight from the table, so that a mistake
+//! here shows up as a divergence. The table (docs/semantics.md,
+//! "Semantics"):
 //!
 //! One rule decides what an operation sees, and it does not depend on when
 //! the sweeper runs: a record is **remembered** while it is live, and an
