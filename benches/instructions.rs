@@ -10,14 +10,19 @@
 //!
 //! - `new`: a claim of a new key;
 //! - `duplicate`: a claim of a key already claimed;
-//! - `cycle`: a claim of a new key and its `mark_done`.
+//! - `cycle`: a claim of a new key and its `mark_done`;
+//! - `protocol`: the lease protocol by hand for a new key: `claim`, then
+//!   `complete_with` the handler's value as JSON;
+//! - `once`: the same through `Store::once` (its claim task, heartbeat
+//!   timer and drop guard included).
 //!
 //! Without arguments (as `cargo bench` runs it) it runs each scenario
 //! briefly and prints nothing to compare: the counts come from the script.
 
 use std::time::Duration;
 
-use sled_idempotency::{Durability, MessageId, SledIdempotencyStore};
+use sled_idempotency::handler::Outcome;
+use sled_idempotency::{ClaimResult, Durability, Lease, MessageId, SledIdempotencyStore};
 
 fn key(n: u64) -> MessageId {
     MessageId::from_uuid(uuid::Uuid::from_u64_pair(0x0190_0000_0000_7000, n))
@@ -35,6 +40,22 @@ fn measured(rt: &tokio::runtime::Runtime, store: &SledIdempotencyStore, scenario
                 }
                 "duplicate" => {
                     store.try_claim(&key(i % 64), ttl).await.expect("claim");
+                }
+                "protocol" => {
+                    let claimed = store.claim(&key(n + i), ttl).await.expect("claim");
+                    let ClaimResult::Acquired(lease) = claimed else {
+                        panic!("a new key")
+                    };
+                    let value = serde_json::to_vec(&lease.token()).expect("json");
+                    store.complete_with(&lease, &value).await.expect("complete");
+                }
+                "once" => {
+                    let outcome = store
+                        .once(&key(n + i), ttl)
+                        .run(|lease: Lease| async move { Ok::<u64, String>(lease.token()) })
+                        .await
+                        .expect("once");
+                    assert!(matches!(outcome, Outcome::Ran(_)));
                 }
                 _ => {
                     store.try_claim(&key(n + i), ttl).await.expect("claim");
@@ -80,7 +101,7 @@ fn main() {
             run(scenario, n.parse().expect("N: a number of operations"));
         }
         _ => {
-            for scenario in ["new", "duplicate", "cycle"] {
+            for scenario in ["new", "duplicate", "cycle", "protocol", "once"] {
                 run(scenario, 100);
             }
         }
