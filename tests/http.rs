@@ -698,6 +698,33 @@ async fn a_slow_request_keeps_its_key_by_the_heartbeat() -> TestResult {
     Ok(())
 }
 
+/// Responses are kept for the layer's retention (a day by default), not
+/// for the 30 s lease that held the key while the request ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_is_kept_for_a_day() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let clock = sled_idempotency::ManualClock::new(common::T0);
+    let store = SledIdempotencyStore::builder(dir.path().join("db"))
+        .clock(clock.clone())
+        .open()
+        .await?;
+    let endpoints = Endpoints::new();
+    let addr = serve(app(store.clone(), endpoints.clone())).await?;
+    let first = post_with(addr, "/payments", "alice", "k-day", "{}").await?;
+    assert_eq!(first.status, StatusCode::CREATED);
+    clock.advance(Duration::from_secs(24 * 3600 - 60));
+    let late = post_with(addr, "/payments", "alice", "k-day", "{}").await?;
+    assert!(late.replayed(), "a day less a minute later: {late:?}");
+    assert_eq!(late.body, first.body);
+    clock.advance(Duration::from_secs(120));
+    let later = post_with(addr, "/payments", "alice", "k-day", "{}").await?;
+    assert_eq!(later.status, StatusCode::CREATED);
+    assert!(!later.replayed(), "past the retention the key is new again");
+    assert_eq!(endpoints.runs(), 2);
+    store.close().await?;
+    Ok(())
+}
+
 // ---- a server killed and restarted ---------------------------------------
 
 const CHILD_ENV: &str = "SLED_IDEMPOTENCY_HTTP_CHILD";
