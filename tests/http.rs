@@ -658,18 +658,31 @@ contracts!(
     odd_bytes_replay_and_request_trailers_are_refused,
 );
 
-/// A request that runs for four lease ttls keeps its key by the
-/// heartbeat: retries get 409 all along, and the endpoint runs once. The
-/// store's clock is a manual one; the test waits for each beat's effect on
-/// the record (sled's admin listing), not for a time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_request_keeps_its_key_by_the_heartbeat() -> TestResult {
+/// A sled store in a temporary directory, on a manual clock.
+async fn on_a_manual_clock() -> Result<
+    (
+        tempfile::TempDir,
+        sled_idempotency::ManualClock,
+        SledIdempotencyStore,
+    ),
+    BoxError,
+> {
     let dir = tempfile::tempdir()?;
     let clock = sled_idempotency::ManualClock::new(common::T0);
     let store = SledIdempotencyStore::builder(dir.path().join("db"))
         .clock(clock.clone())
         .open()
         .await?;
+    Ok((dir, clock, store))
+}
+
+/// A request that runs for four lease ttls keeps its key by the
+/// heartbeat: retries get 409 all along, and the endpoint runs once. The
+/// store's clock is a manual one; the test waits for each beat's effect on
+/// the record (sled's admin listing), not for a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_keeps_its_key_by_the_heartbeat() -> TestResult {
+    let (_dir, clock, store) = on_a_manual_clock().await?;
     let endpoints = Endpoints::new();
     let lease = Duration::from_millis(300);
     let addr = serve(app_with(store.clone(), endpoints.clone(), lease)).await?;
@@ -702,12 +715,7 @@ async fn a_slow_request_keeps_its_key_by_the_heartbeat() -> TestResult {
 /// for the 30 s lease that held the key while the request ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_is_kept_for_a_day() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let clock = sled_idempotency::ManualClock::new(common::T0);
-    let store = SledIdempotencyStore::builder(dir.path().join("db"))
-        .clock(clock.clone())
-        .open()
-        .await?;
+    let (_dir, clock, store) = on_a_manual_clock().await?;
     let endpoints = Endpoints::new();
     let addr = serve(app(store.clone(), endpoints.clone())).await?;
     let first = post_with(addr, "/payments", "alice", "k-day", "{}").await?;
