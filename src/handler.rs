@@ -220,6 +220,7 @@ impl<E: Engine> Store<E> {
 
 /// One run of a handler for one key: [`Store::once`]'s options, then
 /// [`run`](Self::run).
+#[derive(Debug)]
 #[must_use = "the handler runs only when `run` is awaited"]
 pub struct Once<'a, E: Engine> {
     store: &'a Store<E>,
@@ -231,21 +232,6 @@ pub struct Once<'a, E: Engine> {
     max_attempts: Option<u32>,
     wait: Option<Duration>,
     poll_interval: Duration,
-}
-
-impl<E: Engine> fmt::Debug for Once<'_, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Once")
-            .field("key", self.key)
-            .field("ttl", &self.ttl)
-            .field("fingerprint", &self.fingerprint)
-            .field("retention", &self.retention)
-            .field("heartbeat", &self.heartbeat)
-            .field("max_attempts", &self.max_attempts)
-            .field("wait", &self.wait)
-            .field("poll_interval", &self.poll_interval)
-            .finish()
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
