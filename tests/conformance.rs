@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use sled_idempotency::redis::RedisEngine;
 use sled_idempotency::{
-    ClaimOutcome, ClaimResult, DEFAULT_PENDING_RETENTION, DEFAULT_TTL, Durability, Engine, Error,
-    Holder, IdempotencyStore, Lease, ManualClock, MessageId, Record, RedisIdempotencyStore, Result,
-    SledEngine, SledIdempotencyStore, State, Store,
+    ClaimOutcome, ClaimResult, DEFAULT_PENDING_RETENTION, DEFAULT_TTL, Engine, Error, Holder,
+    IdempotencyStore, Lease, ManualClock, MessageId, Record, Result, SledEngine,
+    SledIdempotencyStore, State, Store,
 };
 
 use common::{TTL, TestResult, id};
@@ -147,13 +147,7 @@ async fn sled_engine(clock: &ManualClock) -> Result<(Target<SledEngine>, tempfil
 }
 
 async fn redis_engine(url: String, clock: &ManualClock) -> Result<Target<RedisEngine>> {
-    // The suite's servers keep no files: `Flush` (see `redis_engine.rs`
-    // for `Sync` on a server that fsyncs every write).
-    let store = RedisIdempotencyStore::builder(url.clone())
-        .durability(Durability::Flush)
-        .clock(clock.clone())
-        .open()
-        .await?;
+    let store = redis_server::flush_store(url.clone(), Some(clock)).await?;
     Ok(Target {
         store,
         url: Some(url),

@@ -748,11 +748,7 @@ macro_rules! contracts {
                     }
                     let server = super::redis_server::Server::start();
                     let clock = super::ManualClock::new(super::T0);
-                    let store = sled_idempotency::RedisIdempotencyStore::builder(server.url())
-                        .durability(sled_idempotency::Durability::Flush)
-                        .clock(clock.clone())
-                        .open()
-                        .await?;
+                    let store = super::redis_server::flush_store(server.url(), Some(&clock)).await?;
                     super::$contract(&store, &clock).await?;
                     Ok(())
                 }

@@ -634,10 +634,7 @@ macro_rules! contracts {
                         return Ok(());
                     }
                     let server = super::redis_server::Server::start();
-                    let store = sled_idempotency::RedisIdempotencyStore::builder(server.url())
-                        .durability(sled_idempotency::Durability::Flush)
-                        .open()
-                        .await?;
+                    let store = super::redis_server::flush_store(server.url(), None).await?;
                     super::$contract(store).await?;
                     Ok(())
                 }

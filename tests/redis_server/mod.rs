@@ -28,6 +28,23 @@ pub fn available() -> bool {
     found
 }
 
+/// A store on the server or cluster at `url`, on `clock` if given. These
+/// servers keep no files, so `Flush` (`tests/redis_engine.rs` runs `Sync`
+/// on a server that fsyncs every write).
+pub async fn flush_store(
+    url: String,
+    clock: Option<&sled_idempotency::ManualClock>,
+) -> sled_idempotency::Result<sled_idempotency::RedisIdempotencyStore> {
+    let builder = sled_idempotency::RedisIdempotencyStore::builder(url)
+        .durability(sled_idempotency::Durability::Flush);
+    match clock {
+        Some(clock) => builder.clock(clock.clone()),
+        None => builder,
+    }
+    .open()
+    .await
+}
+
 /// One `redis-server`.
 pub struct Server {
     child: Option<Child>,
