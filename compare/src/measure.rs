@@ -108,9 +108,25 @@ async fn claim_while(
     first: u64,
     until: impl Fn(u64) -> bool,
 ) -> Vec<u64> {
+    claim_at(store, first, None, until).await
+}
+
+/// [`claim_while`], at most `rate` claims per second when given (a claim
+/// waits for its slot; the wait is not counted in its latency).
+async fn claim_at(
+    store: &SledIdempotencyStore,
+    first: u64,
+    rate: Option<f64>,
+    until: impl Fn(u64) -> bool,
+) -> Vec<u64> {
     let mut latencies = Vec::new();
     let mut n = first;
+    let began = tokio::time::Instant::now();
     while until(n - first) {
+        if let Some(rate) = rate {
+            let slot = began + Duration::from_secs_f64((n - first) as f64 / rate);
+            tokio::time::sleep_until(slot).await;
+        }
         let start = Instant::now();
         store
             .try_claim(&key(n), Duration::from_secs(3600))
@@ -127,12 +143,21 @@ async fn claim_while(
 pub fn sweep_impact(settings: &Settings) -> String {
     let rt = runtime();
     let mut out = format!(
-        "Claim latency while the background sweeper removes {} expired records (one task claiming new keys):\n\n| durability | idle p50 | idle p99 | during sweep p50 | during sweep p99 | sweep p99 ÷ idle p99 | sweep took |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "Claim latency while the background sweeper removes {} expired records (one task claiming new keys, as fast as it can or at a fixed rate):\n\n| durability | claims/s | idle p50 | idle p99 | during sweep p50 | during sweep p99 | sweep p99 ÷ idle p99 | sweep took |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
         settings.big
     );
-    for (name, durability) in [
-        ("Periodic", Durability::Periodic(Duration::from_millis(100))),
-        ("Sync", Durability::Sync),
+    for (name, durability, rate) in [
+        (
+            "Periodic",
+            Durability::Periodic(Duration::from_millis(100)),
+            None,
+        ),
+        (
+            "Periodic",
+            Durability::Periodic(Duration::from_millis(100)),
+            Some(30_000.0),
+        ),
+        ("Sync", Durability::Sync, None),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = ManualClock::new(1_800_000_000_000);
@@ -156,7 +181,7 @@ pub fn sweep_impact(settings: &Settings) -> String {
                 .expect("open");
             let measure = settings.measure;
             let start = Instant::now();
-            let idle = claim_while(&store, 1 << 40, |_| start.elapsed() < measure).await;
+            let idle = claim_at(&store, 1 << 40, rate, |_| start.elapsed() < measure).await;
             let idle = Sample::merge(vec![idle], start.elapsed());
             // Past the claims' expiry and their pending retention.
             clock.advance(Duration::from_secs(1) + DEFAULT_PENDING_RETENTION);
@@ -181,7 +206,7 @@ pub fn sweep_impact(settings: &Settings) -> String {
                     started.elapsed()
                 })
             };
-            let busy = claim_while(&store, 1 << 41, |_| {
+            let busy = claim_at(&store, 1 << 41, rate, |_| {
                 !done.load(std::sync::atomic::Ordering::SeqCst)
             })
             .await;
@@ -192,7 +217,11 @@ pub fn sweep_impact(settings: &Settings) -> String {
             (idle, busy, took)
         });
         out.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {:.2}× | {:.2?} |\n",
+            "| {name} | {} | {} | {} | {} | {} | {:.2}× | {:.2?} |\n",
+            match rate {
+                Some(rate) => format!("{rate:.0}"),
+                None => format!("as fast as it can ({:.0} idle)", idle.throughput()),
+            },
             micros(idle.percentile(0.5)),
             micros(idle.percentile(0.99)),
             micros(busy.percentile(0.5)),
