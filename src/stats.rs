@@ -258,11 +258,6 @@ impl Counters {
         self.meters.count(count, n);
     }
 
-    /// The count of `count` so far.
-    pub(crate) fn get(&self, count: Count) -> u64 {
-        self.counts[count as usize].load(Relaxed)
-    }
-
     pub(crate) fn bump(&self, count: Count) {
         self.add(count, 1);
     }

@@ -6,9 +6,7 @@
 //! tasks) can then create records faster than any share of two cores
 //! lets the sweeper remove them, and the database grows without bound. So
 //! once the oldest due expiry index entry is more than two sweep intervals
-//! old and the writers need the sweep faster than its paced rate (the
-//! batch's pause share below 1: [`pause_share`](super::sweeper::pause_share),
-//! [`Writers`](super::sweeper::Writers)), claims are
+//! old ([`pause_share`](super::sweeper::pause_share) below 1), claims are
 //! admitted at most at [`SHARE`] of the rate the sweeper has removed
 //! records since it fell behind: the backlog shrinks until the sweeper is
 //! within two intervals again, and then claims run free. A sweep that
@@ -104,8 +102,8 @@ impl Pressure {
         }
     }
 
-    /// After a batch of the due sweep, whose `pause` share is below 1 when
-    /// it is behind writers faster than its paced rate: sets the limit claims
+    /// After a batch of the due sweep, whose `pause` is `pause_share` (1:
+    /// not behind): sets the limit claims
     /// are admitted at, from the rate the sweep has removed records at
     /// since its first batch behind (one batch's rate varied fourfold
     /// from batch to batch and let writers through at 1.25× the

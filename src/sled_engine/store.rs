@@ -1007,13 +1007,6 @@ impl sweeper::Sweep for Inner {
     fn ended(&self) {
         self.pressure.relax();
     }
-
-    fn created(&self) -> u64 {
-        lock(&self.spaces)
-            .iter()
-            .map(|s| s.counters.get(Count::Claims))
-            .sum()
-    }
 }
 
 /// An idempotency store in a sled database: [`Store`] over the sled

@@ -64,10 +64,6 @@ pub(crate) trait Sweep: Send + Sync + 'static {
     /// A sweep ended (finished, failed, panicked or stopped): it no longer
     /// holds claims back.
     fn ended(&self);
-
-    /// Records created by claims since the store opened, every namespace
-    /// together: what the writers demand of the sweeper ([`Writers`]).
-    fn created(&self) -> u64;
 }
 
 /// What one sweep did.
@@ -123,7 +119,7 @@ fn pace_blocking(took: Duration, share: f64) {
 
 /// The pause after a batch that took `took` ([`pace`]); `None`: a bare yield.
 fn pause(took: Duration, share: f64) -> Option<Duration> {
-    let pause = took.min(MAX_PAUSE).mul_f64(share).min(MAX_PAUSE);
+    let pause = took.min(MAX_PAUSE).mul_f64(share);
     (pause >= Duration::from_micros(50)).then_some(pause)
 }
 
@@ -136,87 +132,6 @@ pub(crate) fn pause_share(behind: Duration, interval: Duration) -> f64 {
     } else {
         allowed.as_secs_f64() / behind.as_secs_f64()
     }
-}
-
-/// How many due notes per second a sweep that has fallen behind reads for
-/// every record the writers create per second. A consumer leaves up to
-/// two notes per message (its claim's, which is stale once the message is
-/// done, and its done record's), so 3 reads at least half again what
-/// steady traffic brings due, and the backlog shrinks.
-const DEMAND: f64 = 3.0;
-
-/// The longest a sweep behind slow writers pauses, as a share of its
-/// batch's time: it never reads at less than a seventeenth of its full
-/// rate.
-const MAX_SHARE: f64 = 16.0;
-
-/// How long the background sweeper measures the writers before it paces
-/// a sweep that has fallen behind by them.
-const MEASURE: Duration = Duration::from_millis(100);
-
-/// The rate writers create records at, measured from the start of a sweep
-/// of the background sweeper.
-///
-/// A sweep that has fallen behind goes only as fast as they need
-/// ([`demand_share`]), not as fast as the age of its backlog suggests
-/// ([`pause_share`]): a backlog that is old but not growing (a database
-/// reopened after a day, a clock that jumped) is swept at a pace that
-/// leaves the writers' latency alone, and only writers that create records
-/// faster than the sweeper can remove them at its full rate make it run
-/// at that rate (and, through `Pressure`, slow them). Sweeping a day's
-/// backlog at full speed raised a lone `Sync` writer's claim p99 6.21×
-/// (`cd compare && cargo run --release -- --only sweep`).
-pub(crate) struct Writers {
-    since: std::time::Instant,
-    created: u64,
-}
-
-impl Writers {
-    /// Starts measuring from `created` records.
-    pub(crate) fn new(created: u64) -> Self {
-        Self {
-            since: std::time::Instant::now(),
-            created,
-        }
-    }
-
-    /// Records created per second since [`new`](Self::new), once
-    /// [`MEASURE`] has passed.
-    fn rate(&self, created: u64) -> Option<f64> {
-        let elapsed = self.since.elapsed();
-        (elapsed >= MEASURE)
-            .then(|| created.saturating_sub(self.created) as f64 / elapsed.as_secs_f64())
-    }
-
-    /// Paces `batch`, of a sweep that has fallen behind (its `pause` below
-    /// 1), by the writers' demand instead; `created`: the records created
-    /// so far. A batch of a sweep that keeps up is left as it is.
-    pub(crate) fn pace(&self, batch: &mut Batch, created: u64) {
-        if batch.pause >= 1.0 {
-            return;
-        }
-        batch.pause = match self.rate(created) {
-            Some(rate) => demand_share(batch.report.examined, batch.took, rate),
-            // Not measured yet: the pace of a sweep that keeps up.
-            None => 1.0,
-        };
-        if let Some(next) = &mut batch.next {
-            next.scale = batch_scale(batch.pause);
-        }
-    }
-}
-
-/// The share of a batch's time to pause after it so that a sweep reads
-/// [`DEMAND`] notes for every record `created_per_sec` brings: 0 (full
-/// rate, and the batch size grows, [`batch_scale`]) when even that is not
-/// enough, at most [`MAX_SHARE`]. Without writers, 1: the paced rate.
-pub(crate) fn demand_share(examined: u64, took: Duration, created_per_sec: f64) -> f64 {
-    if created_per_sec < 1.0 {
-        return 1.0;
-    }
-    let needed = created_per_sec * DEMAND;
-    let working = examined as f64 / took.as_secs_f64().max(1e-6);
-    (working / needed - 1.0).clamp(0.0, MAX_SHARE)
 }
 
 /// Starts the periodic sweeper: a tokio task that wakes every `interval`
@@ -280,9 +195,6 @@ fn sweep_once<S: Sweep>(store: &Weak<S>, stop: &watch::Receiver<bool>) -> Step {
             other => return other,
         }
     }
-    let Some(writers) = store.upgrade().map(|inner| Writers::new(inner.created())) else {
-        return Step::Stop;
-    };
     let mut cursor = Cursor::default();
     loop {
         if *stop.borrow() {
@@ -293,9 +205,8 @@ fn sweep_once<S: Sweep>(store: &Weak<S>, stop: &watch::Receiver<bool>) -> Step {
             None => return Step::Stop,
         };
         match batch() {
-            Ok(mut batch) => {
+            Ok(batch) => {
                 if let Some(inner) = store.upgrade() {
-                    writers.pace(&mut batch, inner.created());
                     inner.swept(&batch);
                 }
                 total += batch.report;
@@ -380,9 +291,8 @@ pub(crate) struct Batch {
     pub(crate) report: SweepReport,
     pub(crate) next: Option<Cursor>,
     pub(crate) took: Duration,
-    /// The share of `took` to pause after it ([`pace`]): 1 while the sweep
-    /// keeps up; below 1 to catch up with writers faster than its paced
-    /// rate, above 1 when the writers need less ([`Writers`]).
+    /// The share of `took` to pause after it ([`pace`]): 1 unless the
+    /// sweep has fallen behind.
     pub(crate) pause: f64,
 }
 
@@ -512,63 +422,6 @@ mod tests {
         assert_eq!(batch_scale(1.0), 1);
         assert_eq!(batch_scale(0.5), 2);
         assert_eq!(batch_scale(0.001), MAX_SCALE);
-    }
-
-    /// A sweep behind writers paces by what they create: slower than its
-    /// paced rate (pause above 1) for slow writers, full rate (0) for
-    /// writers faster than it, the paced rate (1) without writers.
-    #[test]
-    fn a_sweep_behind_goes_as_fast_as_the_writers_need() {
-        let ms = Duration::from_millis(1);
-        // 64 notes read in 1 ms: 64,000 per second while working.
-        assert_eq!(demand_share(64, ms, 0.0), 1.0);
-        // 1,000 records/s need 3,000 reads/s: the longest pause.
-        assert_eq!(demand_share(64, ms, 1_000.0), MAX_SHARE);
-        // 8,000/s need 24,000/s: work 3 parts in 8, pause 5.
-        assert!((demand_share(64, ms, 8_000.0) - 5.0 / 3.0).abs() < 1e-9);
-        // 32,000/s need 96,000/s: more than the full rate.
-        assert_eq!(demand_share(64, ms, 32_000.0), 0.0);
-        // The pause stays bounded however long the batch took.
-        assert_eq!(pause(ms * 50, MAX_SHARE), Some(MAX_PAUSE));
-    }
-
-    /// Until the writers are measured, a batch behind keeps the paced rate
-    /// (and so sets no limit on claims); a batch that keeps up is left.
-    #[test]
-    fn a_sweep_paces_by_demand_only_when_behind_and_measured() {
-        let batch = |pause: f64| Batch {
-            report: SweepReport {
-                examined: 64,
-                removed: 64,
-                corrupt: 0,
-            },
-            pause,
-            next: Some(Cursor {
-                scale: batch_scale(pause),
-                ..Cursor::default()
-            }),
-            took: Duration::from_millis(1),
-        };
-        let fresh = Writers::new(0);
-        let mut behind = batch(0.01);
-        fresh.pace(&mut behind, 1_000_000);
-        assert_eq!(behind.pause, 1.0);
-        assert_eq!(behind.next.map(|n| n.scale), Some(1));
-
-        let measured = Writers {
-            since: std::time::Instant::now() - Duration::from_secs(1),
-            created: 0,
-        };
-        let mut behind = batch(0.01);
-        measured.pace(&mut behind, 100_000); // 100,000/s: beyond its rate
-        assert_eq!(behind.pause, 0.0);
-        assert_eq!(behind.next.map(|n| n.scale), Some(MAX_SCALE));
-        let mut behind = batch(0.01);
-        measured.pace(&mut behind, 1_000); // 1,000/s: the slowest pace
-        assert_eq!(behind.pause, MAX_SHARE);
-        let mut keeping_up = batch(1.0);
-        measured.pace(&mut keeping_up, 100_000);
-        assert_eq!(keeping_up.pause, 1.0);
     }
 
     /// Expired pending claims forgotten at once, as expired done records.
